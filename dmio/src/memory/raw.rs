@@ -1,0 +1,357 @@
+//! Owned, aligned memory for O_DIRECT: heap buffers, anonymous mappings and pages.
+//!
+//! This is the memory half of the crate's unsafe boundary. Every type here owns
+//! its bytes, hands out slices only through `&self`/`&mut self` (so Rust's borrow
+//! rules give exclusive access), is zero-filled when created (no uninitialised
+//! byte is ever readable), and frees its memory exactly once in `Drop`.
+#![allow(unsafe_code)]
+
+use std::alloc::{self, Layout};
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use super::PAGE_SIZE;
+use super::page::PoolShared;
+
+/// A contiguous heap buffer aligned for direct I/O, zero-filled on creation.
+///
+/// This is the owner behind [`DmIoMemory::Kmem`](crate::DmIoMemory::Kmem) (the
+/// kernel's kmalloc'd memory). The address is aligned to `align` (at least 4096,
+/// which satisfies every device's direct-I/O memory alignment up to one page).
+///
+/// ```
+/// use dmio::AlignedBuf;
+/// let mut buf = AlignedBuf::new(8192);
+/// buf[..5].copy_from_slice(b"hello");
+/// assert_eq!(buf.len(), 8192);
+/// assert_eq!(buf.as_ptr() as usize % 4096, 0);
+/// let copy = AlignedBuf::from_slice(b"any bytes at all");
+/// assert_eq!(&copy[..], b"any bytes at all");
+/// ```
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+    layout: Layout,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively (like a Box<[u8]>); moving it
+// to another thread moves that ownership, and shared references only read.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: `&AlignedBuf` only gives `&[u8]`, which is safe to share.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// The default alignment: one page, enough for any logical block size up to 4 KiB.
+    pub const DEFAULT_ALIGN: usize = PAGE_SIZE;
+
+    /// A zero-filled buffer of `len` bytes aligned to one page.
+    pub fn new(len: usize) -> AlignedBuf {
+        Self::with_alignment(len, Self::DEFAULT_ALIGN)
+    }
+
+    /// A zero-filled buffer of `len` bytes aligned to `align`, which is rounded up
+    /// to a power of two no smaller than one page.
+    pub fn with_alignment(len: usize, align: usize) -> AlignedBuf {
+        let align = align.max(PAGE_SIZE).next_power_of_two();
+        // Round the capacity up to the alignment so that whole blocks can always be
+        // transferred, and allocate at least one block (zero-sized layouts are not
+        // allowed by the global allocator).
+        let cap = len.max(1).div_ceil(align) * align;
+        let layout = match Layout::from_size_align(cap, align) {
+            Ok(layout) => layout,
+            Err(_) => alloc::handle_alloc_error(Layout::new::<u8>()),
+        };
+        // SAFETY: the layout has a non-zero size (cap >= align >= 4096).
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let Some(ptr) = NonNull::new(raw) else {
+            alloc::handle_alloc_error(layout)
+        };
+        AlignedBuf { ptr, len, layout }
+    }
+
+    /// A new aligned buffer holding a copy of `bytes` (any length, any alignment).
+    pub fn from_slice(bytes: &[u8]) -> AlignedBuf {
+        let mut buf = Self::new(bytes.len());
+        buf.copy_from_slice(bytes);
+        buf
+    }
+
+    /// The length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The alignment of the buffer's address.
+    pub fn alignment(&self) -> usize {
+        self.layout.align()
+    }
+
+    /// Changes the length within the allocated capacity (a multiple of the
+    /// alignment); bytes exposed again keep whatever they last held.
+    ///
+    /// Returns `false`, changing nothing, when `len` exceeds the capacity.
+    pub fn set_len(&mut self, len: usize) -> bool {
+        if len > self.layout.size() {
+            return false;
+        }
+        self.len = len;
+        true
+    }
+
+    /// The allocated capacity in bytes.
+    pub fn capacity(&self) -> usize {
+        self.layout.size()
+    }
+}
+
+impl Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr points to `layout.size() >= len` initialised (zeroed) bytes
+        // owned by self, alive for as long as the borrow of self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: ptr was allocated in `with_alignment` with exactly this layout and
+        // is freed only here, once.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+impl fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AlignedBuf")
+            .field("addr", &self.ptr)
+            .field("len", &self.len)
+            .field("align", &self.layout.align())
+            .finish()
+    }
+}
+
+/// An anonymous private memory mapping, page-aligned and zero-filled.
+///
+/// Used for the page pool's arena and for [`VirtualArea`](crate::VirtualArea).
+pub(crate) struct MmapBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: MmapBuf owns its mapping exclusively; see AlignedBuf.
+unsafe impl Send for MmapBuf {}
+// SAFETY: shared references only read, or hand out raw addresses (see page_ptr).
+unsafe impl Sync for MmapBuf {}
+
+impl MmapBuf {
+    /// Maps `len` bytes (rounded up to whole pages, at least one page).
+    pub(crate) fn new(len: usize) -> std::io::Result<MmapBuf> {
+        let len = len.max(1).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        // SAFETY: an anonymous private mapping with no address hint touches no
+        // existing memory; the result is checked below.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(raw.cast::<u8>()).ok_or_else(|| std::io::Error::other("mmap"))?;
+        Ok(MmapBuf { ptr, len })
+    }
+
+    /// The mapped length in bytes (a multiple of the page size).
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The start address.
+    pub(crate) fn addr(&self) -> usize {
+        self.ptr.as_ptr() as usize
+    }
+
+    /// A raw pointer to page `index` of the mapping.
+    fn page_ptr(&self, index: usize) -> Option<NonNull<u8>> {
+        if (index + 1) * PAGE_SIZE > self.len {
+            return None;
+        }
+        // SAFETY: index * PAGE_SIZE + PAGE_SIZE <= len, so the offset stays inside
+        // the mapping.
+        Some(unsafe { self.ptr.add(index * PAGE_SIZE) })
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        // SAFETY: the mapping is `len` readable, zero-initialised bytes owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for MmapBuf {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was created by `new` with this exact length and is
+        // unmapped only here, once. Nothing borrows it any more (we hold &mut self),
+        // and memory registered with a ring stays pinned by the kernel itself.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+impl fmt::Debug for MmapBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MmapBuf")
+            .field("addr", &self.ptr)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+/// One 4 KiB page of memory aligned to 4 KiB: the unit of [`PageList`](crate::PageList)
+/// and [`Bvec`](crate::Bvec) memory.
+///
+/// A page comes from a [`PagePool`](crate::PagePool) (and goes back to it when
+/// dropped) or stands alone ([`Page::new`]). It dereferences to `[u8]` of
+/// [`PAGE_SIZE`](crate::PAGE_SIZE) bytes. New pages are zero-filled; a page reused
+/// from a pool holds the bytes its previous owner left in it.
+///
+/// ```
+/// let mut page = dmio::Page::new();
+/// page[0] = 7;
+/// assert_eq!(page.len(), dmio::PAGE_SIZE);
+/// assert_eq!(page.as_ptr() as usize % dmio::PAGE_SIZE, 0);
+/// ```
+pub struct Page {
+    ptr: NonNull<u8>,
+    home: PageHome,
+}
+
+enum PageHome {
+    /// A page of a pool's arena; `index` is returned to the pool's free list on drop.
+    Arena { pool: Arc<PoolShared>, index: u32 },
+    /// A heap page, counted against its pool (if any) while alive.
+    Heap {
+        _buf: AlignedBuf,
+        pool: Option<Arc<PoolShared>>,
+    },
+}
+
+// SAFETY: a Page owns its 4 KiB exclusively: arena pages are handed out once per
+// free-list entry (see `from_arena`), heap pages own their AlignedBuf. The
+// Arc<PoolShared> it carries is Send + Sync.
+unsafe impl Send for Page {}
+// SAFETY: `&Page` only gives `&[u8]`.
+unsafe impl Sync for Page {}
+
+impl Page {
+    /// A stand-alone zero-filled page, not tied to any pool.
+    pub fn new() -> Page {
+        Self::from_heap(None)
+    }
+
+    /// A zero-filled heap page, counted against `pool` until dropped.
+    pub(crate) fn from_heap(pool: Option<Arc<PoolShared>>) -> Page {
+        let mut buf = AlignedBuf::new(PAGE_SIZE);
+        let ptr = NonNull::new(buf.as_mut_ptr()).unwrap_or(NonNull::dangling());
+        Page {
+            ptr,
+            home: PageHome::Heap { _buf: buf, pool },
+        }
+    }
+
+    /// Takes a free page of `pool`'s arena, waiting up to `wait` for one.
+    pub(crate) fn from_arena(
+        pool: &Arc<PoolShared>,
+        wait: Option<std::time::Duration>,
+    ) -> Option<Page> {
+        let index = pool.take_index(wait)?;
+        let Some(ptr) = pool.arena().page_ptr(index as usize) else {
+            pool.give_back(index);
+            return None;
+        };
+        // SAFETY (aliasing): `index` came off the pool's free list, which holds
+        // each index at most once, so this is the only live Page for it until it
+        // is dropped and gives the index back.
+        Some(Page {
+            ptr,
+            home: PageHome::Arena {
+                pool: pool.clone(),
+                index,
+            },
+        })
+    }
+}
+
+impl Default for Page {
+    fn default() -> Self {
+        Page::new()
+    }
+}
+
+impl Deref for Page {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr names PAGE_SIZE initialised bytes owned by this page (its
+        // AlignedBuf, or its exclusively owned arena page kept mapped by the Arc to
+        // the pool), alive for the borrow of self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), PAGE_SIZE) }
+    }
+}
+
+impl DerefMut for Page {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`; `&mut self` makes the access exclusive and no other
+        // Page refers to the same bytes.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), PAGE_SIZE) }
+    }
+}
+
+impl Drop for Page {
+    fn drop(&mut self) {
+        match &self.home {
+            PageHome::Arena { pool, index } => pool.give_back(*index),
+            PageHome::Heap {
+                pool: Some(pool), ..
+            } => pool.heap_page_dropped(),
+            PageHome::Heap { pool: None, .. } => {}
+        }
+    }
+}
+
+impl fmt::Debug for Page {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.home {
+            PageHome::Arena { index, .. } => format!("arena page {index}"),
+            PageHome::Heap { .. } => "heap page".to_string(),
+        };
+        f.debug_struct("Page")
+            .field("addr", &self.ptr)
+            .field("kind", &kind)
+            .finish()
+    }
+}
