@@ -1,0 +1,47 @@
+//! Write, read back and verify on every backing with both engines, with every
+//! memory type.
+
+use dmio::{AlignedBuf, BioVec, Bvec, DmIoMemory, DmIoRegion, DmIoRequest, PageList, VirtualArea};
+use tests::{ENGINES, TestDevice, backings, check_pattern, client, pattern};
+
+fn memories(bytes: &[u8], pool: &dmio::PagePool) -> Vec<DmIoMemory> {
+    let len = bytes.len();
+    let mut kmem = AlignedBuf::new(len);
+    kmem.copy_from_slice(bytes);
+    let mut vma = VirtualArea::new(len).unwrap();
+    vma.copy_from_slice(bytes);
+    let pages = len.div_ceil(4096);
+    let mut list = DmIoMemory::PageList(pool.alloc_list(pages));
+    list.copy_from_slice(0, bytes);
+    // A bio vector of whole pages, in reverse address order.
+    let segs: Vec<BioVec> = (0..pages).map(|_| BioVec::whole(pool.alloc())).collect();
+    let mut bvec = DmIoMemory::Bvec(Bvec::new(segs));
+    bvec.copy_from_slice(0, bytes);
+    vec![DmIoMemory::Kmem(kmem), DmIoMemory::Vma(vma), list, bvec]
+}
+
+#[test]
+fn write_read_verify_every_backing_engine_and_memory() {
+    for backing in backings() {
+        for engine in ENGINES {
+            let td = TestDevice::new(backing, 8 << 20);
+            let client = client(engine);
+            let sectors = 256u64; // 128 KiB
+            for (i, mem) in memories(&pattern(0, sectors, 7), client.page_pool()).into_iter().enumerate() {
+                let start = 1024 + i as u64 * 512;
+                let region = DmIoRegion::new(&td.dev, start, sectors);
+                let mut mem = mem;
+                mem.copy_from_slice(0, &pattern(start, sectors, 7));
+                let kind = mem.kind_name();
+                let done = client.io_sync(DmIoRequest::write(mem), &[region.clone()]).unwrap();
+                assert!(done.is_ok(), "{backing}/{engine:?}/{kind}: write failed: {:?}", done.failures);
+                let back = DmIoMemory::PageList(PageList::new(client.page_pool().alloc_list(32).pages));
+                let done = client.io_sync(DmIoRequest::read(back), &[region]).unwrap();
+                let bytes = done.into_result().unwrap().unwrap().to_vec();
+                check_pattern(&bytes, start, 7).unwrap_or_else(|e| panic!("{backing}/{engine:?}/{kind}: {e}"));
+            }
+            let image = td.read_back();
+            check_pattern(&image[1024 * 512..(1024 + 256) * 512], 1024, 7).unwrap();
+        }
+    }
+}
