@@ -245,6 +245,15 @@ impl BlockDevice {
                 kind: kind_name(&ft),
             });
         };
+        if !read_only && matches!(kind, DeviceKind::BlockDevice { .. }) {
+            // The kernel lets a read-only block device be opened for writing and
+            // fails every write later; say so now instead.
+            if sys::block_read_only(file.as_fd()).unwrap_or(false) {
+                return Err(DmIoError::DeviceReadOnly {
+                    path: path.to_path_buf(),
+                });
+            }
+        }
         let lock = if options.exclusive && kind == DeviceKind::RegularFile {
             let dup = file.try_clone().map_err(|e| DmIoError::Device {
                 path: path.to_path_buf(),

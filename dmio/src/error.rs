@@ -246,6 +246,12 @@ pub enum DmIoError {
         /// The error from `open(2)` (usually EINVAL).
         source: std::io::Error,
     },
+    /// A read-write open of a block device that is read-only (`BLKROGET`).
+    #[error("{} is a read-only block device; open it with DeviceOptions::read_only(true)", path.display())]
+    DeviceReadOnly {
+        /// The path.
+        path: PathBuf,
+    },
     /// The device is held exclusively by someone else (or by us, elsewhere).
     #[error("{} is busy: it is open exclusively elsewhere or mounted", path.display())]
     Busy {
@@ -436,6 +442,7 @@ impl DmIoError {
             DmIoError::NotFound { .. } => Some(Errno(libc::ENOENT)),
             DmIoError::PermissionDenied { .. } => Some(Errno(libc::EACCES)),
             DmIoError::Busy { .. } => Some(Errno(libc::EBUSY)),
+            DmIoError::DeviceReadOnly { .. } => Some(Errno(libc::EROFS)),
             DmIoError::Regions(r) => r.failures.first().map(|f| f.errno),
             _ => None,
         }

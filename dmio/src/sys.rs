@@ -18,6 +18,7 @@ nix::ioctl_read_bad!(
     nix::request_code_none!(0x12, 123),
     libc::c_uint
 );
+nix::ioctl_read_bad!(blk_ro_get, nix::request_code_none!(0x12, 94), libc::c_int);
 nix::ioctl_write_ptr_bad!(blk_discard, nix::request_code_none!(0x12, 119), [u64; 2]);
 
 /// `BLKGETSIZE64`: the size of a block device in bytes.
@@ -42,6 +43,14 @@ pub(crate) fn block_physical_size(fd: BorrowedFd<'_>) -> io::Result<u32> {
     // SAFETY: `size` is a live local; the ioctl writes one unsigned int.
     unsafe { blk_pbsz_get(fd.as_raw_fd(), &mut size) }.map_err(io::Error::from)?;
     Ok(size)
+}
+
+/// `BLKROGET`: whether a block device is read-only.
+pub(crate) fn block_read_only(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut ro: libc::c_int = 0;
+    // SAFETY: `ro` is a live local; the ioctl writes one int.
+    unsafe { blk_ro_get(fd.as_raw_fd(), &mut ro) }.map_err(io::Error::from)?;
+    Ok(ro != 0)
 }
 
 /// What `statx` says about direct I/O and atomic writes on an open file.

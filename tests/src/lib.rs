@@ -46,7 +46,10 @@ pub fn backings() -> Vec<Backing> {
     match dmio::loopdev::unavailable_reason() {
         None => vec![Backing::File, Backing::Loop512, Backing::Loop4096],
         Some(reason) => {
-            assert!(!loop_required(), "DMIO_REQUIRE_LOOP=1 but loop devices are unavailable: {reason}");
+            assert!(
+                !loop_required(),
+                "DMIO_REQUIRE_LOOP=1 but loop devices are unavailable: {reason}"
+            );
             eprintln!("skipping loop-device scenarios: {reason}");
             vec![Backing::File]
         }
@@ -59,7 +62,9 @@ pub const ENGINES: [EngineChoice; 2] = [EngineChoice::Uring, EngineChoice::Sync]
 /// A directory for test images on a filesystem that supports O_DIRECT (the
 /// system temporary directory; tmpfs would not exercise real direct I/O).
 pub fn image_dir() -> PathBuf {
-    std::env::var_os("DMIO_TEST_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir)
+    std::env::var_os("DMIO_TEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
 }
 
 /// A device for one test, removed (and its loop device detached) on drop.
@@ -85,20 +90,36 @@ impl TestDevice {
     pub fn with_options(backing: Backing, size: u64, options: DeviceOptions) -> TestDevice {
         let dir = tempfile::tempdir_in(image_dir()).expect("creating a temporary directory");
         let image = dir.path().join("device.img");
-        std::fs::File::create(&image).and_then(|f| f.set_len(size)).expect("creating the image file");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(size))
+            .expect("creating the image file");
         let (path, lo) = match backing {
             Backing::File => (image.clone(), None),
             Backing::Loop512 | Backing::Loop4096 => {
-                let sector_size = if backing == Backing::Loop512 { 512 } else { 4096 };
+                let sector_size = if backing == Backing::Loop512 {
+                    512
+                } else {
+                    4096
+                };
                 let lo = LoopDevice::attach(&image, LoopOptions::new().sector_size(sector_size))
                     .unwrap_or_else(|e| panic!("attaching a loop device: {e}"));
-                assert!(lo.direct_io_active(), "{} did not enable direct I/O", lo.path().display());
+                assert!(
+                    lo.direct_io_active(),
+                    "{} did not enable direct I/O",
+                    lo.path().display()
+                );
                 (lo.path().to_path_buf(), Some(lo))
             }
         };
         let dev = BlockDevice::open_with(&path, options)
             .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
-        TestDevice { dev, backing, _loop: lo, _dir: dir, image }
+        TestDevice {
+            dev,
+            backing,
+            _loop: lo,
+            _dir: dir,
+            image,
+        }
     }
 
     /// The path of the backing image file.
@@ -121,8 +142,11 @@ impl TestDevice {
 
 /// A client with `engine` and otherwise default settings.
 pub fn client(engine: EngineChoice) -> DmIoClient {
-    DmIoClient::with_config(DmIoConfig { engine, ..Default::default() })
-        .unwrap_or_else(|e| panic!("creating a {engine:?} client: {e}"))
+    DmIoClient::with_config(DmIoConfig {
+        engine,
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("creating a {engine:?} client: {e}"))
 }
 
 /// The 512 bytes of the pattern for `sector` under `seed`: every 8-byte word
@@ -158,7 +182,9 @@ pub fn check_pattern(buf: &[u8], first_sector: u64, seed: u64) -> Result<(), Str
     for (i, chunk) in buf.chunks(512).enumerate() {
         let sector = first_sector + i as u64;
         if chunk != &sector_pattern(sector, seed)[..chunk.len()] {
-            return Err(format!("sector {sector} does not hold the pattern of seed {seed}"));
+            return Err(format!(
+                "sector {sector} does not hold the pattern of seed {seed}"
+            ));
         }
     }
     Ok(())

@@ -543,6 +543,8 @@ impl From<VirtualArea> for DmIoMemory {
     }
 }
 
+/// A one-page page list. This allocates the list's `Vec`; to stay allocation-free
+/// per request, reuse the `PageList` a completion hands back.
 impl From<Page> for DmIoMemory {
     fn from(page: Page) -> Self {
         DmIoMemory::PageList(PageList::new(vec![page]))

@@ -80,7 +80,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             std::fs::File::create(&image)?.set_len(args.size)?;
             let path = match dmio::loopdev::unavailable_reason() {
                 None => {
-                    let lo = LoopDevice::attach(&image, LoopOptions::new().sector_size(args.sector_size))?;
+                    let lo = LoopDevice::attach(
+                        &image,
+                        LoopOptions::new().sector_size(args.sector_size),
+                    )?;
                     let path = lo.path().to_path_buf();
                     println!(
                         "device: {} (loop device over {}, direct I/O {})",
@@ -112,9 +115,16 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         info.alignment_source,
         info.max_io_bytes / 1024,
         if dev.supports_discard() { "yes" } else { "no" },
-        if dev.supports_write_zeroes() { "yes" } else { "no" },
+        if dev.supports_write_zeroes() {
+            "yes"
+        } else {
+            "no"
+        },
     );
-    let config = DmIoConfig { engine, ..Default::default() };
+    let config = DmIoConfig {
+        engine,
+        ..Default::default()
+    };
     let client = DmIoClient::with_config(config.clone())?;
     println!("engine: {}", client.engine());
     if let Some(reason) = client.engine_fallback_reason() {
@@ -127,19 +137,35 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let quarter = total_sectors / 4;
     let qbytes = (quarter * 512) as usize;
     let started = Instant::now();
-    for (i, kind) in ["page list", "bio vector", "virtual area", "contiguous buffer"].iter().enumerate() {
+    for (i, kind) in [
+        "page list",
+        "bio vector",
+        "virtual area",
+        "contiguous buffer",
+    ]
+    .iter()
+    .enumerate()
+    {
         let first = quarter * i as u64;
         let mut mem = match i {
             0 => DmIoMemory::PageList(client.page_pool().alloc_list(qbytes / 4096)),
-            1 => DmIoMemory::Bvec(Bvec::new((0..qbytes / 4096).map(|_| BioVec::whole(dmio::Page::new())).collect())),
+            1 => DmIoMemory::Bvec(Bvec::new(
+                (0..qbytes / 4096)
+                    .map(|_| BioVec::whole(dmio::Page::new()))
+                    .collect(),
+            )),
             2 => DmIoMemory::Vma(VirtualArea::new(qbytes)?),
             _ => DmIoMemory::Kmem(AlignedBuf::new(qbytes)),
         };
         let mut bytes = vec![0u8; qbytes];
         fill(&mut bytes, first);
         mem.copy_from_slice(0, &bytes);
-        let done = client.io_sync(DmIoRequest::write(mem), &[DmIoRegion::new(&dev, first, quarter)])?;
-        done.into_result().map_err(|e| format!("writing the {kind} quarter: {e}"))?;
+        let done = client.io_sync(
+            DmIoRequest::write(mem),
+            &[DmIoRegion::new(&dev, first, quarter)],
+        )?;
+        done.into_result()
+            .map_err(|e| format!("writing the {kind} quarter: {e}"))?;
     }
     let flush = client.io_sync(DmIoRequest::flush(), &[DmIoRegion::new(&dev, 0, 0)])?;
     flush.into_result()?;
@@ -157,7 +183,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let done = client.io_sync(req, &[DmIoRegion::new(&dev, first, n)])?;
         let mem = done.into_result()?.ok_or("no memory came back")?;
         if let Some(bad) = first_bad_sector(&mem.to_vec(), first) {
-            return Err(format!("verification failed: sector {bad} does not hold what was written").into());
+            return Err(format!(
+                "verification failed: sector {bad} does not hold what was written"
+            )
+            .into());
         }
         first += n;
     }
@@ -168,11 +197,17 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut bytes = vec![0u8; (half * 512) as usize];
     fill(&mut bytes, 0);
     let mem = AlignedBuf::from_slice(&bytes);
-    let regions = [DmIoRegion::new(&dev, 0, half), DmIoRegion::new(&dev, half, half)];
+    let regions = [
+        DmIoRegion::new(&dev, 0, half),
+        DmIoRegion::new(&dev, half, half),
+    ];
     let done = client.io_sync(DmIoRequest::write(mem).with_flags(ReqFlags::FUA), &regions)?;
     done.into_result()?;
     let req = DmIoRequest::read(AlignedBuf::new((half * 512) as usize));
-    let back = client.io_sync(req, &[DmIoRegion::new(&dev, half, half)])?.into_result()?.ok_or("no memory")?;
+    let back = client
+        .io_sync(req, &[DmIoRegion::new(&dev, half, half)])?
+        .into_result()?
+        .ok_or("no memory")?;
     if first_bad_sector(&back.to_vec(), 0).is_some() {
         return Err("verification of the fan-out write failed".into());
     }
