@@ -216,6 +216,7 @@ pub struct DmIoClient {
     pool: PagePool,
     engine: EngineKind,
     engine_note: Option<String>,
+    max_op_bytes: u64,
 }
 
 impl DmIoClient {
@@ -242,6 +243,7 @@ impl DmIoClient {
         for id in 0..config.reserve {
             let _ = free_tx.try_send(Box::new(RequestSlot::new(id as u32)));
         }
+        let max_op_bytes = config.max_op_bytes;
         let (inbox_tx, inbox_rx) = bounded(config.reserve);
         let shared = Arc::new(Shared {
             free_tx,
@@ -293,6 +295,7 @@ impl DmIoClient {
             pool,
             engine,
             engine_note,
+            max_op_bytes,
         })
     }
 
@@ -426,7 +429,7 @@ impl DmIoClient {
         notify: Notify,
         regions: &[DmIoRegion],
     ) -> Result<(), DmIoError> {
-        validate(&req, regions)?;
+        validate(&req, regions, self.max_op_bytes)?;
         let shared = &self.shared;
         if shared.closed.load(Ordering::Acquire) {
             return Err(DmIoError::ClientClosed);
@@ -493,7 +496,13 @@ impl fmt::Debug for DmIoClient {
 
 /// Checks a request against the kernel's rules and the devices' limits, before
 /// anything is submitted.
-pub(crate) fn validate(req: &DmIoRequest, regions: &[DmIoRegion]) -> Result<(), DmIoError> {
+///
+/// `max_op_bytes` is the client's largest operation: an atomic write must fit in one.
+pub(crate) fn validate(
+    req: &DmIoRequest,
+    regions: &[DmIoRegion],
+    max_op_bytes: u64,
+) -> Result<(), DmIoError> {
     if regions.len() > MAX_REGIONS {
         return Err(DmIoError::TooManyRegions {
             regions: regions.len(),
@@ -530,6 +539,11 @@ pub(crate) fn validate(req: &DmIoRequest, regions: &[DmIoRegion]) -> Result<(), 
         return Ok(());
     }
     let Some(memory) = &req.memory else {
+        // The kernel's "flush these devices" idiom (a PREFLUSH write whose regions
+        // are all empty) needs no memory; anything that moves data does.
+        if regions.iter().all(|r| r.count == 0) {
+            return Ok(());
+        }
         return Err(DmIoError::MissingMemory { op: req.op });
     };
     let available = memory.len() as u64;
@@ -543,6 +557,9 @@ pub(crate) fn validate(req: &DmIoRequest, regions: &[DmIoRegion]) -> Result<(), 
         }
         if region.count == 0 {
             continue;
+        }
+        if req.flags.contains(ReqFlags::ATOMIC) {
+            check_atomic(memory, i, region, max_op_bytes)?;
         }
         // Each distinct device's alignment is checked once, with the first region
         // naming it and the longest prefix of memory any region on it uses.
@@ -559,9 +576,6 @@ pub(crate) fn validate(req: &DmIoRequest, regions: &[DmIoRegion]) -> Result<(), 
             .max()
             .unwrap_or(0);
         check_memory_alignment(memory, i, region, used)?;
-        if req.flags.contains(ReqFlags::ATOMIC) {
-            check_atomic(memory, i, region)?;
-        }
     }
     Ok(())
 }
@@ -607,7 +621,12 @@ fn check_memory_alignment(
     error.map_or(Ok(()), Err)
 }
 
-fn check_atomic(memory: &DmIoMemory, index: usize, region: &DmIoRegion) -> Result<(), DmIoError> {
+fn check_atomic(
+    memory: &DmIoMemory,
+    index: usize,
+    region: &DmIoRegion,
+    max_op_bytes: u64,
+) -> Result<(), DmIoError> {
     let dev = &region.device;
     let bytes = region.byte_len();
     let fail = |reason| {
@@ -624,6 +643,12 @@ fn check_atomic(memory: &DmIoMemory, index: usize, region: &DmIoRegion) -> Resul
     }
     if bytes > max {
         return fail("the region is larger than the device's atomic write unit");
+    }
+    if bytes > max_op_bytes.min(dev.info().max_io_bytes) {
+        return fail(
+            "the region is larger than one operation can carry (the client's max_op_bytes or \
+             the device's largest I/O), and an atomic write is never split",
+        );
     }
     if bytes < dev.info().atomic_write_min_bytes as u64 {
         return fail("the region is smaller than the device's minimum atomic write unit");

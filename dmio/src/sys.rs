@@ -99,6 +99,26 @@ pub(crate) fn statx_dio(fd: BorrowedFd<'_>) -> io::Result<StatxDio> {
     Ok(out)
 }
 
+/// `ioprio_set(IOPRIO_WHO_PROCESS, 0, prio)`: the calling thread's I/O priority,
+/// which its blocking I/O carries (the sync engine's analogue of `sqe->ioprio`).
+pub(crate) fn set_thread_ioprio(prio: u16) -> io::Result<()> {
+    const IOPRIO_WHO_PROCESS: libc::c_int = 1;
+    // SAFETY: ioprio_set takes only integers; `who = 0` names the calling thread.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PROCESS,
+            0,
+            libc::c_int::from(prio),
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// `BLKDISCARD` on a block device, blocking.
 pub(crate) fn block_discard(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
     let range = [offset, len];

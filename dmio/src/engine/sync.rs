@@ -48,7 +48,13 @@ impl SyncEngine {
             let worker = std::thread::Builder::new()
                 .name(format!("dmio-sync-{i}"))
                 .spawn(move || {
+                    let mut ioprio = 0u16;
                     for op in ops_rx {
+                        // Blocking I/O carries the thread's priority: set it when the
+                        // op asks for another one.
+                        if op.ioprio != ioprio && crate::sys::set_thread_ioprio(op.ioprio).is_ok() {
+                            ioprio = op.ioprio;
+                        }
                         // SAFETY: the dispatcher keeps the op's memory (its request's
                         // buffers and its op slot's iovec array) alive and untouched
                         // until it has reaped this op's completion.
