@@ -73,10 +73,7 @@ impl DmIoConfig {
     fn validate(&self) -> Result<(), DmIoError> {
         let bad = |msg: String| Err(DmIoError::Config(msg));
         if self.reserve == 0 || self.reserve > 65536 {
-            return bad(format!(
-                "reserve must be 1 to 65536 request slots, not {}",
-                self.reserve
-            ));
+            return bad(format!("reserve must be 1 to 65536 request slots, not {}", self.reserve));
         }
         if !self.ring_entries.is_power_of_two() || !(8..=32768).contains(&self.ring_entries) {
             return bad(format!(
@@ -94,16 +91,10 @@ impl DmIoConfig {
             ));
         }
         if self.iovecs_per_op == 0 || self.iovecs_per_op > 1024 {
-            return bad(format!(
-                "iovecs_per_op must be 1 to 1024, not {}",
-                self.iovecs_per_op
-            ));
+            return bad(format!("iovecs_per_op must be 1 to 1024, not {}", self.iovecs_per_op));
         }
         if self.sync_threads == 0 || self.sync_threads > 1024 {
-            return bad(format!(
-                "sync_threads must be 1 to 1024, not {}",
-                self.sync_threads
-            ));
+            return bad(format!("sync_threads must be 1 to 1024, not {}", self.sync_threads));
         }
         Ok(())
     }
@@ -233,12 +224,8 @@ impl DmIoClient {
             Some("uring") | Some("io_uring") => EngineChoice::Uring,
             _ => config.engine,
         };
-        let pool = PagePool::new(config.pool_pages, config.pool_extra_pages).map_err(|source| {
-            DmIoError::Io {
-                what: "creating the page pool",
-                source,
-            }
-        })?;
+        let pool = PagePool::new(config.pool_pages, config.pool_extra_pages)
+            .map_err(|source| DmIoError::Io { what: "creating the page pool", source })?;
         let (free_tx, free_rx) = bounded(config.reserve);
         for id in 0..config.reserve {
             let _ = free_tx.try_send(Box::new(RequestSlot::new(id as u32)));
@@ -262,19 +249,9 @@ impl DmIoClient {
         let thread = std::thread::Builder::new()
             .name("dmio-completion".into())
             .spawn(move || {
-                dispatch::run(
-                    choice,
-                    config,
-                    thread_pool,
-                    inbox_rx,
-                    thread_shared,
-                    ready_tx,
-                )
+                dispatch::run(choice, config, thread_pool, inbox_rx, thread_shared, ready_tx)
             })
-            .map_err(|source| DmIoError::Io {
-                what: "spawning the completion thread",
-                source,
-            })?;
+            .map_err(|source| DmIoError::Io { what: "spawning the completion thread", source })?;
         let (engine, engine_note) = match ready_rx.recv() {
             Ok(Ok(ready)) => ready,
             Ok(Err(e)) => {
@@ -408,8 +385,10 @@ impl DmIoClient {
         if self.on_completion_thread() {
             return;
         }
-        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(handle) = handle {
+        // Hold the lock while joining, so that a concurrent close also returns
+        // only once the completion thread has finished.
+        let mut thread = self.thread.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(handle) = thread.take() {
             let _ = handle.join();
         }
     }
@@ -436,10 +415,7 @@ impl DmIoClient {
         }
         let on_thread = self.on_completion_thread();
         let mut slot = if on_thread {
-            shared
-                .free_rx
-                .try_recv()
-                .map_err(|_| DmIoError::NoSlotInCallback)?
+            shared.free_rx.try_recv().map_err(|_| DmIoError::NoSlotInCallback)?
         } else {
             self.wait_for_slot()?
         };
@@ -504,26 +480,18 @@ pub(crate) fn validate(
     max_op_bytes: u64,
 ) -> Result<(), DmIoError> {
     if regions.len() > MAX_REGIONS {
-        return Err(DmIoError::TooManyRegions {
-            regions: regions.len(),
-            max: MAX_REGIONS,
-        });
+        return Err(DmIoError::TooManyRegions { regions: regions.len(), max: MAX_REGIONS });
     }
     if req.flags.contains(ReqFlags::ATOMIC) && req.op != DmIoOp::Write {
         return Err(DmIoError::AtomicWrite {
             region: 0,
-            path: regions
-                .first()
-                .map(|r| r.device.path().to_path_buf())
-                .unwrap_or_default(),
+            path: regions.first().map(|r| r.device.path().to_path_buf()).unwrap_or_default(),
             bytes: 0,
             reason: "ATOMIC applies to writes only",
         });
     }
     if req.op == DmIoOp::Read && regions.len() > 1 {
-        return Err(DmIoError::ReadWithMultipleRegions {
-            regions: regions.len(),
-        });
+        return Err(DmIoError::ReadWithMultipleRegions { regions: regions.len() });
     }
     for (i, region) in regions.iter().enumerate() {
         region.validate(i)?;
@@ -563,10 +531,7 @@ pub(crate) fn validate(
         }
         // Each distinct device's alignment is checked once, with the first region
         // naming it and the longest prefix of memory any region on it uses.
-        if regions[..i]
-            .iter()
-            .any(|r| r.count > 0 && r.device.id() == region.device.id())
-        {
+        if regions[..i].iter().any(|r| r.count > 0 && r.device.id() == region.device.id()) {
             continue;
         }
         let used = regions
@@ -596,9 +561,7 @@ fn check_memory_alignment(
         }
         let used_len = (len as u64).min(used - pos);
         let reason = if addr % mem_align != 0 {
-            Some(format!(
-                "the address must be a multiple of {mem_align} bytes"
-            ))
+            Some(format!("the address must be a multiple of {mem_align} bytes"))
         } else if !used_len.is_multiple_of(lbs) {
             Some(format!(
                 "the length used must be a multiple of the logical block size ({lbs} bytes)"
@@ -630,12 +593,7 @@ fn check_atomic(
     let dev = &region.device;
     let bytes = region.byte_len();
     let fail = |reason| {
-        Err(DmIoError::AtomicWrite {
-            region: index,
-            path: dev.path().to_path_buf(),
-            bytes,
-            reason,
-        })
+        Err(DmIoError::AtomicWrite { region: index, path: dev.path().to_path_buf(), bytes, reason })
     };
     let max = dev.atomic_write_max_bytes() as u64;
     if max == 0 {

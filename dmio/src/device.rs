@@ -142,18 +142,10 @@ fn open_error(path: &Path, err: io::Error, read_only: bool, is_file: bool) -> Dm
     match err.raw_os_error() {
         Some(libc::ENOENT) | Some(libc::ENXIO) | Some(libc::ENODEV) => DmIoError::NotFound { path },
         Some(libc::EACCES) | Some(libc::EPERM) => DmIoError::PermissionDenied { path, read_only },
-        Some(libc::EROFS) => DmIoError::Device {
-            path,
-            what: "open read-write",
-            source: err,
-        },
+        Some(libc::EROFS) => DmIoError::Device { path, what: "open read-write", source: err },
         Some(libc::EBUSY) => DmIoError::Busy { path },
         Some(libc::EINVAL) if is_file => DmIoError::DirectIoUnsupported { path, source: err },
-        _ => DmIoError::Device {
-            path,
-            what: "open",
-            source: err,
-        },
+        _ => DmIoError::Device { path, what: "open", source: err },
     }
 }
 
@@ -180,11 +172,7 @@ fn read_sysfs_u64(path: &Path) -> Option<u64> {
 /// The sysfs `queue` directory of a block device (a partition's is its parent's).
 fn sysfs_queue_dir(major: u32, minor: u32) -> PathBuf {
     let dev = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
-    if dev.join("partition").exists() {
-        dev.join("../queue")
-    } else {
-        dev.join("queue")
-    }
+    if dev.join("partition").exists() { dev.join("../queue") } else { dev.join("queue") }
 }
 
 impl BlockDevice {
@@ -233,10 +221,7 @@ impl BlockDevice {
         let ft = meta.file_type();
         let kind = if ft.is_block_device() {
             let rdev = meta.rdev();
-            DeviceKind::BlockDevice {
-                major: libc::major(rdev),
-                minor: libc::minor(rdev),
-            }
+            DeviceKind::BlockDevice { major: libc::major(rdev), minor: libc::minor(rdev) }
         } else if ft.is_file() {
             DeviceKind::RegularFile
         } else {
@@ -249,9 +234,7 @@ impl BlockDevice {
             // The kernel lets a read-only block device be opened for writing and
             // fails every write later; say so now instead.
             if sys::block_read_only(file.as_fd()).unwrap_or(false) {
-                return Err(DmIoError::DeviceReadOnly {
-                    path: path.to_path_buf(),
-                });
+                return Err(DmIoError::DeviceReadOnly { path: path.to_path_buf() });
             }
         }
         let lock = if options.exclusive && kind == DeviceKind::RegularFile {
@@ -263,9 +246,7 @@ impl BlockDevice {
             match nix::fcntl::Flock::lock(dup, nix::fcntl::FlockArg::LockExclusiveNonblock) {
                 Ok(lock) => Some(lock),
                 Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-                    return Err(DmIoError::Busy {
-                        path: path.to_path_buf(),
-                    });
+                    return Err(DmIoError::Busy { path: path.to_path_buf() });
                 }
                 Err((_, errno)) => {
                     return Err(DmIoError::Device {

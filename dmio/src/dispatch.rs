@@ -152,6 +152,19 @@ struct OpSlot {
     dropped: bool,
 }
 
+/// The dispatcher's counters, kept as plain integers on the hot path and
+/// published to the client's atomics once per loop iteration.
+#[derive(Debug, Default, Clone, Copy)]
+struct Tally {
+    requests: u64,
+    ops: u64,
+    retries: u64,
+    short_transfers: u64,
+    fixed_buffer_ops: u64,
+    submit_calls: u64,
+    callback_panics: u64,
+}
+
 /// What to do with an op after its completion.
 enum Next {
     Reissue,
@@ -167,12 +180,9 @@ fn make_engine(
     config: &DmIoConfig,
 ) -> Result<(Box<dyn Engine>, Option<String>), DmIoError> {
     let sync = |note: Option<String>| -> Result<(Box<dyn Engine>, Option<String>), DmIoError> {
-        match SyncEngine::new(config.sync_threads) {
+        match SyncEngine::new(config.sync_threads, config.ring_entries as usize) {
             Ok(engine) => Ok((Box::new(engine), note)),
-            Err(e) => Err(DmIoError::EngineSetup {
-                engine: "sync",
-                reason: e.to_string(),
-            }),
+            Err(e) => Err(DmIoError::EngineSetup { engine: "sync", reason: e.to_string() }),
         }
     };
     match choice {
@@ -189,7 +199,7 @@ fn make_engine(
             Err(e) => {
                 let reason = uring_unavailable_reason(&e);
                 if !FALLBACK_NOTED.swap(true, Ordering::Relaxed) {
-                    eprintln!("dmio: {reason}; using the synchronous engine");
+                    note(&format!("{reason}; using the synchronous engine"));
                 }
                 sync(Some(reason))
             }
@@ -263,12 +273,14 @@ pub(crate) fn run(
         _pool: pool,
         max_op_bytes: config.max_op_bytes,
         iovecs_per_op: config.iovecs_per_op,
+        tally: Tally::default(),
         #[cfg(feature = "fault-injection")]
         delayed: Vec::new(),
     };
     let _ = ready.send(Ok((kind, note)));
+    let _dead = MarkDeadOnExit(shared);
+    let _abort = AbortOnUnwind;
     dispatcher.run_loop();
-    shared.alive.store(false, Ordering::Release);
 }
 
 struct Dispatcher {
@@ -291,6 +303,7 @@ struct Dispatcher {
     _pool: PagePool,
     max_op_bytes: u64,
     iovecs_per_op: usize,
+    tally: Tally,
     /// Ops held back by a delay rule: (due time, op slot).
     #[cfg(feature = "fault-injection")]
     delayed: Vec<(std::time::Instant, u32)>,
@@ -321,10 +334,7 @@ impl Dispatcher {
                     wait = Wait::No;
                 }
             }
-            self.shared
-                .counters
-                .submit_calls
-                .fetch_add(1, Ordering::Relaxed);
+            self.tally.submit_calls += 1;
             match self.engine.submit_and_wait(wait) {
                 Ok(()) => engine_errors = 0,
                 Err(e) => {
@@ -332,7 +342,7 @@ impl Dispatcher {
                     // their memory, so the thread must not give up on them.
                     engine_errors += 1;
                     if engine_errors == 1 {
-                        eprintln!("dmio: the I/O engine failed to submit or wait: {e}; retrying");
+                        note(&format!("the I/O engine failed to submit or wait: {e}; retrying"));
                     }
                     std::thread::sleep(Duration::from_millis(1));
                 }
@@ -347,7 +357,21 @@ impl Dispatcher {
             while let Some((user_data, res)) = self.local.pop_front() {
                 self.complete_op(user_data as u32, res);
             }
+            self.publish_tally();
         }
+        self.publish_tally();
+    }
+
+    fn publish_tally(&self) {
+        let c = &self.shared.counters;
+        let t = &self.tally;
+        c.requests.store(t.requests, Ordering::Relaxed);
+        c.ops.store(t.ops, Ordering::Relaxed);
+        c.retries.store(t.retries, Ordering::Relaxed);
+        c.short_transfers.store(t.short_transfers, Ordering::Relaxed);
+        c.fixed_buffer_ops.store(t.fixed_buffer_ops, Ordering::Relaxed);
+        c.submit_calls.store(t.submit_calls, Ordering::Relaxed);
+        c.callback_panics.store(t.callback_panics, Ordering::Relaxed);
     }
 
     fn idle(&self) -> bool {
@@ -402,7 +426,14 @@ impl Dispatcher {
         } else {
             Phase::Data
         };
-        self.advance(slot);
+        if self.waiting.is_empty() {
+            self.advance(slot);
+        } else {
+            // Requests already waiting for op slots go first (FIFO).
+            self.wait_for_op(&mut slot);
+            let id = slot.id as usize;
+            self.active[id] = Some(slot);
+        }
     }
 
     /// Issues what can be issued now; finishes the request when nothing is left.
@@ -430,6 +461,11 @@ impl Dispatcher {
                 break;
             };
             if let Some(mut slot) = self.active[id as usize].take() {
+                if !slot.progress.queued {
+                    // A stale entry (the request was already served).
+                    self.active[id as usize] = Some(slot);
+                    continue;
+                }
                 slot.progress.queued = false;
                 if self.pump(&mut slot) {
                     self.finish(slot);
@@ -468,11 +504,8 @@ impl Dispatcher {
                     }
                     slot.progress.region = 0;
                     slot.progress.region_issued = 0;
-                    slot.progress.phase = if slot.op == DmIoOp::Flush {
-                        Phase::Done
-                    } else {
-                        Phase::Data
-                    };
+                    slot.progress.phase =
+                        if slot.op == DmIoOp::Flush { Phase::Done } else { Phase::Data };
                 }
                 Phase::Data => {
                     let i = slot.progress.region;
@@ -495,14 +528,12 @@ impl Dispatcher {
                     let lbs = u64::from(dev.logical_block_size().max(512));
                     let round = |max: u64| (max / lbs * lbs).max(lbs);
                     let (kind, max) = match slot.op {
-                        DmIoOp::Read => (
-                            OpKind::Read,
-                            round(dev.info().max_io_bytes.min(self.max_op_bytes)),
-                        ),
-                        DmIoOp::Write => (
-                            OpKind::Write,
-                            round(dev.info().max_io_bytes.min(self.max_op_bytes)),
-                        ),
+                        DmIoOp::Read => {
+                            (OpKind::Read, round(dev.info().max_io_bytes.min(self.max_op_bytes)))
+                        }
+                        DmIoOp::Write => {
+                            (OpKind::Write, round(dev.info().max_io_bytes.min(self.max_op_bytes)))
+                        }
                         DmIoOp::Discard | DmIoOp::WriteZeroes => {
                             let limit = if slot.op == DmIoOp::Discard {
                                 dev.max_discard_bytes()
@@ -525,10 +556,20 @@ impl Dispatcher {
                                 next_region(slot);
                                 continue;
                             }
+                            let nounmap = slot.flags.contains(ReqFlags::NOUNMAP);
                             let kind = match (slot.op, dev.is_block_device()) {
                                 (DmIoOp::Discard, true) => OpKind::BlockDiscard,
                                 (DmIoOp::Discard, false) => OpKind::PunchHole,
-                                _ if slot.flags.contains(ReqFlags::NOUNMAP) => OpKind::ZeroRange,
+                                (_, true) if nounmap => {
+                                    // A block device offers no write-zeroes that
+                                    // keeps blocks mapped without falling back to
+                                    // writing zero pages (FALLOC_FL_ZERO_RANGE
+                                    // does), and dm-io never falls back silently.
+                                    self.fail_region_now(slot, i, libc::EOPNOTSUPP);
+                                    next_region(slot);
+                                    continue;
+                                }
+                                (_, false) if nounmap => OpKind::ZeroRange,
                                 _ => OpKind::PunchHole,
                             };
                             (kind, round(limit))
@@ -593,6 +634,11 @@ impl Dispatcher {
     /// Fails region `i` of `slot` without issuing anything.
     fn fail_region_now(&mut self, slot: &mut RequestSlot, i: usize, errno: i32) {
         let region = &slot.regions[i];
+        if slot.op == DmIoOp::Read {
+            let issued = slot.progress.region_issued;
+            let rest = region.byte_len().saturating_sub(issued);
+            slot.progress.zero_fill.push((issued, rest));
+        }
         slot.progress.error_bits.set(i);
         slot.progress.failures.push(RegionFailure {
             region: i,
@@ -648,7 +694,7 @@ impl Dispatcher {
     fn launch(&mut self, op: u32, slot: &mut RequestSlot) {
         slot.progress.in_flight += 1;
         self.in_flight_ops += 1;
-        self.shared.counters.ops.fetch_add(1, Ordering::Relaxed);
+        self.tally.ops += 1;
         #[cfg(feature = "fault-injection")]
         if !self.ops[op as usize].fault_checked {
             self.ops[op as usize].fault_checked = true;
@@ -692,17 +738,11 @@ impl Dispatcher {
                         .find(|(base, blen, _)| *base <= addr && addr + len <= base + blen)
                         .map(|&(_, _, index)| index);
                     if fixed.is_some() {
-                        self.shared
-                            .counters
-                            .fixed_buffer_ops
-                            .fetch_add(1, Ordering::Relaxed);
+                        self.tally.fixed_buffer_ops += 1;
                     }
                     OpBuf::Single { addr, len, fixed }
                 } else {
-                    OpBuf::Vectored {
-                        iov: o.iov.as_ptr() as usize,
-                        count: o.iov.len() as u32,
-                    }
+                    OpBuf::Vectored { iov: o.iov.as_ptr() as usize, count: o.iov.len() as u32 }
                 }
             }
             _ => OpBuf::None,
@@ -714,12 +754,7 @@ impl Dispatcher {
             len,
             buf,
             rw_flags: o.rw_flags,
-            // Block-device uring commands refuse a non-zero ioprio.
-            ioprio: if o.kind == OpKind::BlockDiscard {
-                0
-            } else {
-                ioprio
-            },
+            ioprio: carried_ioprio(o.kind, ioprio),
             user_data: u64::from(op),
         }
     }
@@ -745,7 +780,15 @@ impl Dispatcher {
                 #[cfg(feature = "fault-injection")]
                 self.log_completion(op, res, &slot);
                 self.free_ops.push(op);
-                self.advance(slot);
+                if !self.waiting.is_empty() && has_ops_to_issue(&slot) {
+                    // Round robin: a request with more to issue goes to the back of
+                    // the queue, so one large request cannot keep recycling the op
+                    // slots that others wait for.
+                    self.wait_for_op(&mut slot);
+                    self.active[request] = Some(slot);
+                } else {
+                    self.advance(slot);
+                }
                 self.run_waiting();
             }
         }
@@ -758,7 +801,7 @@ impl Dispatcher {
             if matches!(errno, libc::EINTR | libc::EAGAIN | libc::EBUSY) && o.retries < MAX_RETRIES
             {
                 o.retries += 1;
-                self.shared.counters.retries.fetch_add(1, Ordering::Relaxed);
+                self.tally.retries += 1;
                 return Next::Reissue;
             }
             self.fail_op(op, slot, errno);
@@ -776,23 +819,30 @@ impl Dispatcher {
             self.fail_op(op, slot, libc::EIO);
             return Next::Finished;
         }
+        if o.rw_flags & libc::RWF_ATOMIC != 0 {
+            // An atomic write is never split, not even to finish a short transfer.
+            self.fail_op(op, slot, libc::EIO);
+            return Next::Finished;
+        }
         // A short transfer: resubmit the rest, from the last block boundary (an
         // O_DIRECT transfer must start on one).
-        self.shared
-            .counters
-            .short_transfers
-            .fetch_add(1, Ordering::Relaxed);
-        o.done = o.done / o.block_size * o.block_size;
+        self.tally.short_transfers += 1;
+        let before = o.done - res as u64;
+        let resume = o.done / o.block_size * o.block_size;
+        if resume <= before / o.block_size * o.block_size {
+            // Less than a block of progress past the last boundary (a file that
+            // shrank to a size that is not a block multiple): resubmitting would
+            // transfer the same bytes forever.
+            self.fail_op(op, slot, libc::EIO);
+            return Next::Finished;
+        }
+        o.done = resume;
         let (start, len) = (o.mem_offset + o.done, o.len - o.done);
         o.iov.clear();
         let covered = match slot.memory.as_mut() {
-            Some(memory) => memory.gather(
-                start,
-                len,
-                &mut slot.progress.cursor,
-                &mut o.iov,
-                self.iovecs_per_op,
-            ),
+            Some(memory) => {
+                memory.gather(start, len, &mut slot.progress.cursor, &mut o.iov, self.iovecs_per_op)
+            }
             None => 0,
         };
         if covered != len {
@@ -842,6 +892,12 @@ impl Dispatcher {
     /// Completes a request: zero-fills failed reads, returns the slot to the
     /// pool, then notifies (as the kernel frees its `io` before calling `fn`).
     fn finish(&mut self, mut slot: Box<RequestSlot>) {
+        if slot.progress.queued {
+            // It finished while waiting for an op slot; forget the queue entry so
+            // a reuse of the slot is not mistaken for it.
+            let id = slot.id;
+            self.waiting.retain(|&w| w != id);
+        }
         let progress = std::mem::take(&mut slot.progress);
         let mut memory = slot.memory.take();
         if let Some(memory) = memory.as_mut() {
@@ -849,32 +905,74 @@ impl Dispatcher {
                 memory.zero_range(offset as usize, len as usize);
             }
         }
-        let completion = DmIoCompletion {
-            error_bits: progress.error_bits,
-            failures: progress.failures,
-            memory,
-        };
+        let completion =
+            DmIoCompletion { error_bits: progress.error_bits, failures: progress.failures, memory };
         let notify = slot.notify.take();
         slot.regions.clear();
-        self.shared
-            .counters
-            .requests
-            .fetch_add(1, Ordering::Relaxed);
+        self.tally.requests += 1;
+        // Counters are current whenever a completion is delivered.
+        self.publish_tally();
         let _ = self.shared.free_tx.try_send(slot);
         let Some(notify) = notify else { return };
-        if notify.is_internal() {
-            notify.fire(completion);
-        } else if catch_unwind(AssertUnwindSafe(|| notify.fire(completion))).is_err() {
-            // A panicking callback must not take the completion thread down: other
-            // requests' memory is still in the kernel's hands.
-            self.shared
-                .counters
-                .callback_panics
-                .fetch_add(1, Ordering::Relaxed);
-            eprintln!(
-                "dmio: a notify callback panicked; the panic was caught and the client goes on"
-            );
+        // A panicking callback (or waker) must not take the completion thread
+        // down: other requests' memory is still in the kernel's hands.
+        if catch_unwind(AssertUnwindSafe(|| notify.fire(completion))).is_err() {
+            self.tally.callback_panics += 1;
+            self.publish_tally();
+            note("a notify callback panicked; the panic was caught and the client goes on");
         }
+    }
+}
+
+/// Writes one line to standard error, ignoring failures (a closed stderr must
+/// not panic the completion thread).
+fn note(message: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "dmio: {message}");
+}
+
+/// Aborts the process if the completion thread unwinds. Unwinding would free
+/// request memory that the kernel may still be writing into; aborting is the only
+/// safe way out of a bug there (user callbacks are caught separately).
+struct AbortOnUnwind;
+
+impl Drop for AbortOnUnwind {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            note(
+                "the completion thread panicked with I/O in flight; aborting to keep its memory safe",
+            );
+            std::process::abort();
+        }
+    }
+}
+
+/// Clears the client's `alive` flag when the completion thread ends, however it ends.
+struct MarkDeadOnExit(Arc<Shared>);
+
+impl Drop for MarkDeadOnExit {
+    fn drop(&mut self) {
+        self.0.alive.store(false, Ordering::Release);
+    }
+}
+
+/// The I/O priority an op really carries: reads and writes carry the request's
+/// (`sqe->ioprio`, or the sync worker's thread priority); io_uring's fsync and
+/// fallocate opcodes have no priority field, and block-device uring commands
+/// refuse one, so flushes, discards and write-zeroes carry none.
+fn carried_ioprio(kind: OpKind, ioprio: u16) -> u16 {
+    match kind {
+        OpKind::Read | OpKind::Write => ioprio,
+        _ => 0,
+    }
+}
+
+/// Whether the request still has ops to issue (as opposed to waiting for the
+/// ones in flight).
+fn has_ops_to_issue(slot: &RequestSlot) -> bool {
+    match slot.progress.phase {
+        Phase::Flush | Phase::Data => slot.progress.region < slot.regions.len(),
+        Phase::Done => false,
     }
 }
 
@@ -919,7 +1017,7 @@ impl Dispatcher {
             },
             sector: o.dev_offset / SECTOR_SIZE,
             sectors: o.len / SECTOR_SIZE,
-            ioprio: slot.ioprio,
+            ioprio: carried_ioprio(o.kind, slot.ioprio),
             fua: o.rw_flags & libc::RWF_DSYNC != 0,
             region: o.region,
         };

@@ -67,11 +67,7 @@ pub struct LoopOptions {
 
 impl Default for LoopOptions {
     fn default() -> Self {
-        LoopOptions {
-            direct_io: true,
-            sector_size: 512,
-            read_only: false,
-        }
+        LoopOptions { direct_io: true, sector_size: 512, read_only: false }
     }
 }
 
@@ -123,19 +119,11 @@ pub fn unavailable_reason() -> Option<String> {
 }
 
 fn loop_error(path: &Path, what: &'static str, source: io::Error) -> DmIoError {
-    DmIoError::Device {
-        path: path.to_path_buf(),
-        what,
-        source,
-    }
+    DmIoError::Device { path: path.to_path_buf(), what, source }
 }
 
 fn ioctl_result(rc: libc::c_int) -> io::Result<libc::c_int> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
 }
 
 impl LoopDevice {
@@ -152,19 +140,16 @@ impl LoopDevice {
             )));
         }
         let control_path = Path::new("/dev/loop-control");
-        let control = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(control_path)
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::EACCES) | Some(libc::EPERM) => DmIoError::PermissionDenied {
-                    path: control_path.to_path_buf(),
-                    read_only: false,
-                },
-                Some(libc::ENOENT) => DmIoError::NotFound {
-                    path: control_path.to_path_buf(),
-                },
-                _ => loop_error(control_path, "open", e),
+        let control =
+            OpenOptions::new().read(true).write(true).open(control_path).map_err(|e| {
+                match e.raw_os_error() {
+                    Some(libc::EACCES) | Some(libc::EPERM) => DmIoError::PermissionDenied {
+                        path: control_path.to_path_buf(),
+                        read_only: false,
+                    },
+                    Some(libc::ENOENT) => DmIoError::NotFound { path: control_path.to_path_buf() },
+                    _ => loop_error(control_path, "open", e),
+                }
             })?;
         let file = OpenOptions::new()
             .read(true)
@@ -220,11 +205,7 @@ impl LoopDevice {
             // SAFETY: `config` is a live, fully initialised loop_config that the
             // kernel only reads during the call.
             let rc = unsafe {
-                libc::ioctl(
-                    device.as_raw_fd(),
-                    LOOP_CONFIGURE,
-                    &config as *const LoopConfig,
-                )
+                libc::ioctl(device.as_raw_fd(), LOOP_CONFIGURE, &config as *const LoopConfig)
             };
             match ioctl_result(rc) {
                 Ok(_) => {
@@ -243,9 +224,7 @@ impl LoopDevice {
                 Err(e) => return Err(loop_error(&path, "LOOP_CONFIGURE", e)),
             }
         }
-        Err(last_err.unwrap_or_else(|| DmIoError::Busy {
-            path: control_path.to_path_buf(),
-        }))
+        Err(last_err.unwrap_or_else(|| DmIoError::Busy { path: control_path.to_path_buf() }))
     }
 
     /// The device node, `/dev/loopN`.
@@ -286,8 +265,7 @@ impl LoopDevice {
 
     /// Detaches the device now, reporting errors (dropping detaches too, silently).
     pub fn detach(mut self) -> Result<(), DmIoError> {
-        self.clear()
-            .map_err(|e| loop_error(&self.path, "LOOP_CLR_FD", e))
+        self.clear().map_err(|e| loop_error(&self.path, "LOOP_CLR_FD", e))
     }
 
     fn clear(&mut self) -> io::Result<()> {

@@ -80,21 +80,15 @@ impl<F: Fn(DmIoCompletion, usize) + Send + Sync> NotifyHandler for F {
 /// let shared = Notify::shared(&handler, 42);
 /// // A channel.
 /// let (tx, rx) = crossbeam_channel::unbounded();
-/// let chan = Notify::channel(tx, 7);
+/// let chan = Notify::channel(tx, 7).unwrap();
 /// # drop((once, shared, chan, rx));
 /// ```
 pub struct Notify(NotifyKind);
 
 enum NotifyKind {
     Once(Box<dyn FnOnce(DmIoCompletion) + Send>),
-    Shared {
-        handler: Arc<dyn NotifyHandler>,
-        context: usize,
-    },
-    Channel {
-        tx: crossbeam_channel::Sender<(usize, DmIoCompletion)>,
-        context: usize,
-    },
+    Shared { handler: Arc<dyn NotifyHandler>, context: usize },
+    Channel { tx: crossbeam_channel::Sender<(usize, DmIoCompletion)>, context: usize },
     Waiter(Arc<Waiter>),
     Future(Arc<FutureShared>),
 }
@@ -107,19 +101,25 @@ impl Notify {
 
     /// Calls `handler.notify(completion, context)`.
     pub fn shared(handler: &Arc<dyn NotifyHandler>, context: usize) -> Notify {
-        Notify(NotifyKind::Shared {
-            handler: handler.clone(),
-            context,
-        })
+        Notify(NotifyKind::Shared { handler: handler.clone(), context })
     }
 
-    /// Sends `(context, completion)` on `tx` (a send to a disconnected channel
-    /// drops the completion and its memory).
+    /// Sends `(context, completion)` on `tx`, which must be an unbounded channel:
+    /// the completion thread must never block on a full one. A send to a
+    /// disconnected channel drops the completion and its memory.
+    ///
+    /// Returns [`DmIoError::Config`] for a bounded sender.
     pub fn channel(
         tx: crossbeam_channel::Sender<(usize, DmIoCompletion)>,
         context: usize,
-    ) -> Notify {
-        Notify(NotifyKind::Channel { tx, context })
+    ) -> Result<Notify, DmIoError> {
+        if tx.capacity().is_some() {
+            return Err(DmIoError::Config(
+                "Notify::channel needs an unbounded channel: the completion thread must not block"
+                    .into(),
+            ));
+        }
+        Ok(Notify(NotifyKind::Channel { tx, context }))
     }
 
     pub(crate) fn waiter(waiter: Arc<Waiter>) -> Notify {
@@ -141,11 +141,6 @@ impl Notify {
             NotifyKind::Waiter(waiter) => waiter.complete(completion),
             NotifyKind::Future(shared) => shared.complete(completion),
         }
-    }
-
-    /// Whether delivering the completion only wakes a waiter (no user code runs).
-    pub(crate) fn is_internal(&self) -> bool {
-        matches!(self.0, NotifyKind::Waiter(_) | NotifyKind::Future(_))
     }
 }
 
@@ -170,10 +165,7 @@ pub(crate) struct Waiter {
 
 impl Waiter {
     fn new() -> Waiter {
-        Waiter {
-            slot: Mutex::new(None),
-            ready: Condvar::new(),
-        }
+        Waiter { slot: Mutex::new(None), ready: Condvar::new() }
     }
 
     /// This thread's waiter.
@@ -185,8 +177,8 @@ impl Waiter {
     }
 
     fn complete(&self, completion: DmIoCompletion) {
-        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
-        *slot = Some(completion);
+        *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(completion);
+        // Notify after unlocking, so the woken thread does not block on the mutex.
         self.ready.notify_one();
     }
 
@@ -208,9 +200,7 @@ pub(crate) struct FutureShared {
 
 impl FutureShared {
     pub(crate) fn new() -> Arc<FutureShared> {
-        Arc::new(FutureShared {
-            state: Mutex::new((None, None)),
-        })
+        Arc::new(FutureShared { state: Mutex::new((None, None)) })
     }
 
     fn complete(&self, completion: DmIoCompletion) {

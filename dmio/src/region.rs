@@ -36,11 +36,7 @@ pub struct DmIoRegion {
 impl DmIoRegion {
     /// A region of `count` sectors starting at `sector` of `device`.
     pub fn new(device: &Arc<BlockDevice>, sector: u64, count: u64) -> DmIoRegion {
-        DmIoRegion {
-            device: device.clone(),
-            sector,
-            count,
-        }
+        DmIoRegion { device: device.clone(), sector, count }
     }
 
     /// The start in bytes.
@@ -56,7 +52,13 @@ impl DmIoRegion {
     /// Checks the region against its device: the start and the count must be
     /// multiples of the logical block size and the region must lie within the
     /// device. `index` is the region's position in a request, used in errors.
+    ///
+    /// A zero-count region is always valid, wherever it starts: no data moves
+    /// through it (the kernel ignores it, or only flushes its device).
     pub fn validate(&self, index: usize) -> Result<(), DmIoError> {
+        if self.count == 0 {
+            return Ok(());
+        }
         let dev = &self.device;
         let lbs = dev.logical_block_size();
         let lbs_sectors = (lbs as u64 / SECTOR_SIZE).max(1);

@@ -63,14 +63,19 @@ bitflags::bitflags! {
         /// Write each region untorn (`REQ_ATOMIC`, `RWF_ATOMIC`): a region that the
         /// device cannot write in one atomic operation is refused, never split.
         const ATOMIC = 1 << 4;
-        /// For write-zeroes: keep the blocks allocated (`REQ_NOUNMAP`; on a file,
-        /// `FALLOC_FL_ZERO_RANGE` instead of a hole punch).
+        /// For write-zeroes: keep the blocks allocated (`REQ_NOUNMAP`). On a file
+        /// this is `FALLOC_FL_ZERO_RANGE` instead of a hole punch. A block device
+        /// reports EOPNOTSUPP for the region: the kernel's only no-unmap zeroing
+        /// call falls back to writing zero pages, which dm-io never does silently.
         const NOUNMAP = 1 << 5;
     }
 }
 
-/// The I/O priority stamped on every operation of a request (the kernel's
-/// `ioprio` argument of `dm_io()`, `sqe->ioprio` in io_uring).
+/// The I/O priority stamped on every read and write operation of a request (the
+/// kernel's `ioprio` argument of `dm_io()`; `sqe->ioprio` with io_uring, the
+/// worker thread's `ioprio_set` with the sync engine). Flushes, discards and
+/// write-zeroes carry no priority in userspace: io_uring's fsync and fallocate
+/// opcodes have no field for it.
 ///
 /// ```
 /// use dmio::{IoPriority, IoPriorityClass};

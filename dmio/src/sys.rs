@@ -13,11 +13,7 @@ use crate::engine::{IoOp, OpBuf, OpKind};
 
 nix::ioctl_read!(blk_get_size64, 0x12, 114, u64);
 nix::ioctl_read_bad!(blk_ssz_get, nix::request_code_none!(0x12, 104), libc::c_int);
-nix::ioctl_read_bad!(
-    blk_pbsz_get,
-    nix::request_code_none!(0x12, 123),
-    libc::c_uint
-);
+nix::ioctl_read_bad!(blk_pbsz_get, nix::request_code_none!(0x12, 123), libc::c_uint);
 nix::ioctl_read_bad!(blk_ro_get, nix::request_code_none!(0x12, 94), libc::c_int);
 nix::ioctl_write_ptr_bad!(blk_discard, nix::request_code_none!(0x12, 119), [u64; 2]);
 
@@ -73,13 +69,7 @@ pub(crate) fn statx_dio(fd: BorrowedFd<'_>) -> io::Result<StatxDio> {
     // SAFETY: the path is a static NUL-terminated empty string, `buf` is a live
     // local large enough for `struct statx`; the kernel writes only into it.
     let rc = unsafe {
-        libc::statx(
-            fd.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            mask,
-            buf.as_mut_ptr(),
-        )
+        libc::statx(fd.as_raw_fd(), c"".as_ptr(), libc::AT_EMPTY_PATH, mask, buf.as_mut_ptr())
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
@@ -105,18 +95,9 @@ pub(crate) fn set_thread_ioprio(prio: u16) -> io::Result<()> {
     const IOPRIO_WHO_PROCESS: libc::c_int = 1;
     // SAFETY: ioprio_set takes only integers; `who = 0` names the calling thread.
     let rc = unsafe {
-        libc::syscall(
-            libc::SYS_ioprio_set,
-            IOPRIO_WHO_PROCESS,
-            0,
-            libc::c_int::from(prio),
-        )
+        libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, libc::c_int::from(prio))
     };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
 /// `BLKDISCARD` on a block device, blocking.
@@ -144,10 +125,7 @@ pub(crate) unsafe fn execute_blocking(op: &IoOp) -> i32 {
             let (iov_ptr, iov_cnt, single);
             match op.buf {
                 OpBuf::Single { addr, len, .. } => {
-                    single = libc::iovec {
-                        iov_base: addr as *mut libc::c_void,
-                        iov_len: len,
-                    };
+                    single = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: len };
                     iov_ptr = &single as *const libc::iovec;
                     iov_cnt = 1;
                 }
@@ -185,9 +163,7 @@ pub(crate) unsafe fn execute_blocking(op: &IoOp) -> i32 {
         },
     };
     if ret < 0 {
-        -io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO)
+        -io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
     } else {
         // Data transfers are capped far below i32::MAX by the splitter.
         i32::try_from(ret).unwrap_or(i32::MAX)

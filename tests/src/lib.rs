@@ -62,9 +62,7 @@ pub const ENGINES: [EngineChoice; 2] = [EngineChoice::Uring, EngineChoice::Sync]
 /// A directory for test images on a filesystem that supports O_DIRECT (the
 /// system temporary directory; tmpfs would not exercise real direct I/O).
 pub fn image_dir() -> PathBuf {
-    std::env::var_os("DMIO_TEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir)
+    std::env::var_os("DMIO_TEST_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir)
 }
 
 /// A device for one test, removed (and its loop device detached) on drop.
@@ -96,30 +94,16 @@ impl TestDevice {
         let (path, lo) = match backing {
             Backing::File => (image.clone(), None),
             Backing::Loop512 | Backing::Loop4096 => {
-                let sector_size = if backing == Backing::Loop512 {
-                    512
-                } else {
-                    4096
-                };
+                let sector_size = if backing == Backing::Loop512 { 512 } else { 4096 };
                 let lo = LoopDevice::attach(&image, LoopOptions::new().sector_size(sector_size))
                     .unwrap_or_else(|e| panic!("attaching a loop device: {e}"));
-                assert!(
-                    lo.direct_io_active(),
-                    "{} did not enable direct I/O",
-                    lo.path().display()
-                );
+                assert!(lo.direct_io_active(), "{} did not enable direct I/O", lo.path().display());
                 (lo.path().to_path_buf(), Some(lo))
             }
         };
         let dev = BlockDevice::open_with(&path, options)
             .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
-        TestDevice {
-            dev,
-            backing,
-            _loop: lo,
-            _dir: dir,
-            image,
-        }
+        TestDevice { dev, backing, _loop: lo, _dir: dir, image }
     }
 
     /// The path of the backing image file.
@@ -142,11 +126,8 @@ impl TestDevice {
 
 /// A client with `engine` and otherwise default settings.
 pub fn client(engine: EngineChoice) -> DmIoClient {
-    DmIoClient::with_config(DmIoConfig {
-        engine,
-        ..Default::default()
-    })
-    .unwrap_or_else(|e| panic!("creating a {engine:?} client: {e}"))
+    DmIoClient::with_config(DmIoConfig { engine, ..Default::default() })
+        .unwrap_or_else(|e| panic!("creating a {engine:?} client: {e}"))
 }
 
 /// The 512 bytes of the pattern for `sector` under `seed`: every 8-byte word
@@ -182,9 +163,7 @@ pub fn check_pattern(buf: &[u8], first_sector: u64, seed: u64) -> Result<(), Str
     for (i, chunk) in buf.chunks(512).enumerate() {
         let sector = first_sector + i as u64;
         if chunk != &sector_pattern(sector, seed)[..chunk.len()] {
-            return Err(format!(
-                "sector {sector} does not hold the pattern of seed {seed}"
-            ));
+            return Err(format!("sector {sector} does not hold the pattern of seed {seed}"));
         }
     }
     Ok(())

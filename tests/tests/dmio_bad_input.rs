@@ -27,10 +27,7 @@ const DEV_SIZE: u64 = 8 << 20;
 
 /// Every (backing, engine) pair.
 fn cases() -> Vec<(Backing, EngineChoice)> {
-    backings()
-        .into_iter()
-        .flat_map(|b| ENGINES.into_iter().map(move |e| (b, e)))
-        .collect()
+    backings().into_iter().flat_map(|b| ENGINES.into_iter().map(move |e| (b, e))).collect()
 }
 
 /// Submits the request `make` builds in all three ways (`submit` with a
@@ -67,11 +64,7 @@ fn rejected(
         "{at}: io_sync: {sync_err:?} vs {err:?}"
     );
     let future_err = client.submit_future(make(), regions).expect_err(at);
-    assert_eq!(
-        discriminant(&future_err),
-        discriminant(&err),
-        "{at}: future: {future_err:?}"
-    );
+    assert_eq!(discriminant(&future_err), discriminant(&err), "{at}: future: {future_err:?}");
     for dev in devs {
         let trace = dev.faults().take_trace();
         assert!(trace.is_empty(), "{at}: a refused request issued {trace:?}");
@@ -104,17 +97,12 @@ fn misaligned_sector() {
         let bs = block_sectors(dev);
         if bs == 1 {
             eprintln!("{at}: 512-byte blocks: no sector is misaligned; checking one is accepted");
-            let done = client
-                .io_sync(write_of(1), &[DmIoRegion::new(dev, 1, 1)])
-                .unwrap();
+            let done = client.io_sync(write_of(1), &[DmIoRegion::new(dev, 1, 1)]).unwrap();
             assert!(done.is_ok(), "{at}: {:?}", done.failures);
             continue;
         }
         for sector in [1, bs / 2, bs + 1] {
-            let regions = [
-                DmIoRegion::new(dev, 0, bs),
-                DmIoRegion::new(dev, sector, bs),
-            ];
+            let regions = [DmIoRegion::new(dev, 0, bs), DmIoRegion::new(dev, sector, bs)];
             for (what, make) in [
                 ("write", (|| write_of(64)) as fn() -> DmIoRequest),
                 ("discard", DmIoRequest::discard),
@@ -123,12 +111,7 @@ fn misaligned_sector() {
                 let at = format!("{at}/{what} at sector {sector}");
                 let err = rejected(&client, make, &regions, &[dev], &at);
                 match &err {
-                    DmIoError::MisalignedSector {
-                        region: 1,
-                        path,
-                        sector: s,
-                        block_size,
-                    } => {
+                    DmIoError::MisalignedSector { region: 1, path, sector: s, block_size } => {
                         assert_eq!(path, dev.path(), "{at}");
                         assert_eq!(*s, sector, "{at}");
                         assert_eq!(*block_size, dev.logical_block_size(), "{at}");
@@ -138,10 +121,7 @@ fn misaligned_sector() {
             }
             let read = move || DmIoRequest::read(AlignedBuf::new(64 * 512));
             let err = rejected(&client, read, &regions[1..], &[dev], &at);
-            assert!(
-                matches!(err, DmIoError::MisalignedSector { region: 0, .. }),
-                "{at}: {err:?}"
-            );
+            assert!(matches!(err, DmIoError::MisalignedSector { region: 0, .. }), "{at}: {err:?}");
         }
     }
 }
@@ -163,18 +143,10 @@ fn misaligned_count() {
         }
         for count in [1, bs - 1, bs + 1, 3 * bs / 2] {
             let at = format!("{at}/count {count}");
-            let regions = [
-                DmIoRegion::new(dev, 0, bs),
-                DmIoRegion::new(dev, 8 * bs, count),
-            ];
+            let regions = [DmIoRegion::new(dev, 0, bs), DmIoRegion::new(dev, 8 * bs, count)];
             let err = rejected(&client, || write_of(4 * bs), &regions, &[dev], &at);
             match &err {
-                DmIoError::MisalignedCount {
-                    region: 1,
-                    path,
-                    count: c,
-                    block_size,
-                } => {
+                DmIoError::MisalignedCount { region: 1, path, count: c, block_size } => {
                     assert_eq!(path, dev.path(), "{at}");
                     assert_eq!((*c, *block_size), (count, dev.logical_block_size()), "{at}");
                 }
@@ -182,15 +154,9 @@ fn misaligned_count() {
             }
             let read = || DmIoRequest::read(AlignedBuf::new(8192));
             let err = rejected(&client, read, &regions[1..], &[dev], &at);
-            assert!(
-                matches!(err, DmIoError::MisalignedCount { region: 0, .. }),
-                "{at}: {err:?}"
-            );
+            assert!(matches!(err, DmIoError::MisalignedCount { region: 0, .. }), "{at}: {err:?}");
             let err = rejected(&client, DmIoRequest::write_zeroes, &regions, &[dev], &at);
-            assert!(
-                matches!(err, DmIoError::MisalignedCount { region: 1, .. }),
-                "{at}: {err:?}"
-            );
+            assert!(matches!(err, DmIoError::MisalignedCount { region: 1, .. }), "{at}: {err:?}");
         }
     }
 }
@@ -223,12 +189,7 @@ fn misaligned_memory() {
         let expect = |err: &DmIoError, segment: usize, kind: &str, reason: &str, at: &str| match err
         {
             DmIoError::MisalignedMemory {
-                region: 1,
-                path,
-                segment: s,
-                kind: k,
-                reason: r,
-                ..
+                region: 1, path, segment: s, kind: k, reason: r, ..
             } => {
                 assert_eq!(path, dev.path(), "{at}");
                 assert_eq!((*s, *k), (segment, kind), "{at}: {err}");
@@ -244,22 +205,9 @@ fn misaligned_memory() {
             let err = rejected(&client, make, &regions, &[dev], &format!("{at}/address"));
             expect(&err, 1, "bio vector", "address", &format!("{at}/address"));
             let make = || DmIoRequest::read(bvec_with(off, PAGE_SIZE - off, 2));
-            let err = rejected(
-                &client,
-                make,
-                &regions[1..],
-                &[dev],
-                &format!("{at}/address"),
-            );
+            let err = rejected(&client, make, &regions[1..], &[dev], &format!("{at}/address"));
             assert!(
-                matches!(
-                    err,
-                    DmIoError::MisalignedMemory {
-                        region: 0,
-                        segment: 1,
-                        ..
-                    }
-                ),
+                matches!(err, DmIoError::MisalignedMemory { region: 0, segment: 1, .. }),
                 "{at}: {err:?}"
             );
         } else {
@@ -287,18 +235,11 @@ fn misaligned_memory() {
             let err = rejected(&client, list, &regions, &[dev], &at);
             expect(&err, 0, "page list", "logical block size", &at);
         } else {
-            for (what, make) in [
-                ("bio vector", bvec as fn() -> DmIoRequest),
-                ("page list", list),
-            ] {
+            for (what, make) in [("bio vector", bvec as fn() -> DmIoRequest), ("page list", list)] {
                 let mut req = make();
-                req.memory
-                    .as_mut()
-                    .unwrap()
-                    .copy_from_slice(0, &pattern(64, 16, 5));
-                let done = client
-                    .io_sync(req, &regions)
-                    .expect("512-aligned memory on 512-byte blocks");
+                req.memory.as_mut().unwrap().copy_from_slice(0, &pattern(64, 16, 5));
+                let done =
+                    client.io_sync(req, &regions).expect("512-aligned memory on 512-byte blocks");
                 assert!(done.is_ok(), "{at}/{what}: {:?}", done.failures);
                 let back = client
                     .io_sync(DmIoRequest::read(AlignedBuf::new(8192)), &regions[1..])
@@ -326,18 +267,10 @@ fn region_beyond_the_device() {
         let end = dev.size_sectors();
         assert_eq!(end, DEV_SIZE / 512, "{at}");
         let huge = u64::MAX / bs * bs;
-        for (sector, count) in [
-            (end - bs, 2 * bs),
-            (end, bs),
-            (huge, bs),
-            (0, huge),
-            (huge, huge),
-        ] {
+        for (sector, count) in [(end - bs, 2 * bs), (end, bs), (huge, bs), (0, huge), (huge, huge)]
+        {
             let at = format!("{at}/sectors {sector}+{count}");
-            let regions = [
-                DmIoRegion::new(dev, 0, bs),
-                DmIoRegion::new(dev, sector, count),
-            ];
+            let regions = [DmIoRegion::new(dev, 0, bs), DmIoRegion::new(dev, sector, count)];
             for (what, make) in [
                 ("write", (|| write_of(64)) as fn() -> DmIoRequest),
                 ("discard", DmIoRequest::discard),
@@ -362,15 +295,10 @@ fn region_beyond_the_device() {
             }
             let read = || DmIoRequest::read(AlignedBuf::new(4096));
             let err = rejected(&client, read, &regions[1..], &[dev], &at);
-            assert!(
-                matches!(err, DmIoError::OutOfRange { region: 0, .. }),
-                "{at}: {err:?}"
-            );
+            assert!(matches!(err, DmIoError::OutOfRange { region: 0, .. }), "{at}: {err:?}");
         }
         // The last block is fine.
-        let done = client
-            .io_sync(write_of(bs), &[DmIoRegion::new(dev, end - bs, bs)])
-            .unwrap();
+        let done = client.io_sync(write_of(bs), &[DmIoRegion::new(dev, end - bs, bs)]).unwrap();
         assert!(done.is_ok(), "{at}: {:?}", done.failures);
     }
 }
@@ -380,21 +308,12 @@ fn region_beyond_the_device() {
 fn read_with_two_regions() {
     for (backing, engine) in cases() {
         let at = format!("{backing}/{engine:?}");
-        let tds = [
-            TestDevice::new(backing, DEV_SIZE),
-            TestDevice::new(backing, DEV_SIZE),
-        ];
+        let tds = [TestDevice::new(backing, DEV_SIZE), TestDevice::new(backing, DEV_SIZE)];
         let client = client(engine);
-        let regions = [
-            DmIoRegion::new(&tds[0].dev, 0, 8),
-            DmIoRegion::new(&tds[1].dev, 0, 8),
-        ];
+        let regions = [DmIoRegion::new(&tds[0].dev, 0, 8), DmIoRegion::new(&tds[1].dev, 0, 8)];
         let read = || DmIoRequest::read(AlignedBuf::new(4096));
         let err = rejected(&client, read, &regions, &[&tds[0].dev, &tds[1].dev], &at);
-        assert!(
-            matches!(err, DmIoError::ReadWithMultipleRegions { regions: 2 }),
-            "{at}: {err:?}"
-        );
+        assert!(matches!(err, DmIoError::ReadWithMultipleRegions { regions: 2 }), "{at}: {err:?}");
     }
 }
 
@@ -405,9 +324,8 @@ fn sixty_five_regions() {
         let at = format!("{backing}/{engine:?}");
         let td = TestDevice::new(backing, DEV_SIZE);
         let client = client(engine);
-        let regions: Vec<DmIoRegion> = (0..65)
-            .map(|i| DmIoRegion::new(&td.dev, i * 64, 8))
-            .collect();
+        let regions: Vec<DmIoRegion> =
+            (0..65).map(|i| DmIoRegion::new(&td.dev, i * 64, 8)).collect();
         for (what, make) in [
             ("write", (|| write_of(8)) as fn() -> DmIoRequest),
             ("discard", DmIoRequest::discard),
@@ -417,13 +335,7 @@ fn sixty_five_regions() {
             let at = format!("{at}/{what}");
             let err = rejected(&client, make, &regions, &[&td.dev], &at);
             assert!(
-                matches!(
-                    err,
-                    DmIoError::TooManyRegions {
-                        regions: 65,
-                        max: MAX_REGIONS
-                    }
-                ),
+                matches!(err, DmIoError::TooManyRegions { regions: 65, max: MAX_REGIONS }),
                 "{at}: {err:?}"
             );
         }
@@ -442,28 +354,14 @@ fn memory_shorter_than_the_region() {
         let regions = [DmIoRegion::new(dev, 0, 8), DmIoRegion::new(dev, 64, 16)];
         let err = rejected(&client, || write_of(8), &regions, &[dev], &at);
         assert!(
-            matches!(
-                err,
-                DmIoError::MemoryTooShort {
-                    region: 1,
-                    needed: 8192,
-                    available: 4096
-                }
-            ),
+            matches!(err, DmIoError::MemoryTooShort { region: 1, needed: 8192, available: 4096 }),
             "{at}: {err:?}"
         );
         assert!(err.to_string().contains("region 1"), "{at}: {err}");
         let read = || DmIoRequest::read(PageList::new(vec![Page::new()]));
         let err = rejected(&client, read, &regions[1..], &[dev], &at);
         assert!(
-            matches!(
-                err,
-                DmIoError::MemoryTooShort {
-                    region: 0,
-                    needed: 8192,
-                    available: 4096
-                }
-            ),
+            matches!(err, DmIoError::MemoryTooShort { region: 0, needed: 8192, available: 4096 }),
             "{at}: {err:?}"
         );
     }
@@ -485,27 +383,19 @@ fn write_to_a_read_only_device() {
             (DmIoOp::Discard, DmIoRequest::discard),
             (DmIoOp::WriteZeroes, DmIoRequest::write_zeroes),
             (DmIoOp::Flush, DmIoRequest::flush),
-            (DmIoOp::Write, || {
-                write_of(8).with_flags(ReqFlags::PREFLUSH | ReqFlags::FUA)
-            }),
+            (DmIoOp::Write, || write_of(8).with_flags(ReqFlags::PREFLUSH | ReqFlags::FUA)),
         ] {
             let at = format!("{at}/{op}");
             let err = rejected(&client, make, &regions, &[ro, &rw], &at);
             match &err {
-                DmIoError::ReadOnlyDevice {
-                    region: 1,
-                    path,
-                    op: o,
-                } => {
+                DmIoError::ReadOnlyDevice { region: 1, path, op: o } => {
                     assert_eq!((path.as_path(), *o), (ro.path(), op), "{at}");
                 }
                 other => panic!("{at}: expected ReadOnlyDevice for region 1, got {other:?}"),
             }
         }
         // Reads are fine.
-        let done = client
-            .io_sync(DmIoRequest::read(AlignedBuf::new(4096)), &regions[1..])
-            .unwrap();
+        let done = client.io_sync(DmIoRequest::read(AlignedBuf::new(4096)), &regions[1..]).unwrap();
         assert!(done.is_ok(), "{at}: {:?}", done.failures);
     }
 }
@@ -529,10 +419,7 @@ fn closed_client() {
             ("flush", DmIoRequest::flush),
         ] {
             let err = rejected(&client, make, &region, &[&td.dev], &format!("{at}/{what}"));
-            assert!(
-                matches!(err, DmIoError::ClientClosed),
-                "{at}/{what}: {err:?}"
-            );
+            assert!(matches!(err, DmIoError::ClientClosed), "{at}/{what}: {err:?}");
         }
         // Closing twice is harmless.
         client.close();
@@ -550,15 +437,10 @@ fn missing_memory() {
         let region = [DmIoRegion::new(&td.dev, 0, 8)];
         for op in [DmIoOp::Read, DmIoOp::Write] {
             let err = rejected(&client, || DmIoRequest::new(op), &region, &[&td.dev], &at);
-            assert!(
-                matches!(err, DmIoError::MissingMemory { op: o } if o == op),
-                "{at}: {err:?}"
-            );
+            assert!(matches!(err, DmIoError::MissingMemory { op: o } if o == op), "{at}: {err:?}");
         }
         for op in [DmIoOp::Flush, DmIoOp::Discard, DmIoOp::WriteZeroes] {
-            let done = client
-                .io_sync(DmIoRequest::new(op), &region)
-                .expect("no memory needed");
+            let done = client.io_sync(DmIoRequest::new(op), &region).expect("no memory needed");
             assert!(done.is_ok(), "{at}/{op}: {:?}", done.failures);
         }
     }
@@ -573,15 +455,10 @@ fn missing_notify() {
         let td = TestDevice::new(backing, DEV_SIZE);
         let client = client(engine);
         td.dev.faults().start_trace();
-        let err = client
-            .submit(write_of(8), &[DmIoRegion::new(&td.dev, 0, 8)])
-            .expect_err(&at);
+        let err = client.submit(write_of(8), &[DmIoRegion::new(&td.dev, 0, 8)]).expect_err(&at);
         assert!(matches!(err, DmIoError::MissingNotify), "{at}: {err:?}");
         client.close();
-        assert!(
-            td.dev.faults().take_trace().is_empty(),
-            "{at}: something was issued"
-        );
+        assert!(td.dev.faults().take_trace().is_empty(), "{at}: something was issued");
         assert_eq!(client.stats().requests, 0, "{at}");
     }
 }
@@ -606,26 +483,17 @@ fn blocking_call_from_a_callback() {
                 let _ = tx.send((done.is_ok(), inner.map(|_| ())));
             },
         );
-        client
-            .submit(req, &[DmIoRegion::new(&td.dev, 0, 8)])
-            .unwrap();
-        let (outer_ok, inner) = rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the callback ran");
+        client.submit(req, &[DmIoRegion::new(&td.dev, 0, 8)]).unwrap();
+        let (outer_ok, inner) = rx.recv_timeout(Duration::from_secs(10)).expect("the callback ran");
         assert!(outer_ok, "{at}");
-        assert!(
-            matches!(inner, Err(DmIoError::BlockingInCallback)),
-            "{at}: {inner:?}"
-        );
+        assert!(matches!(inner, Err(DmIoError::BlockingInCallback)), "{at}: {inner:?}");
         // Only the outer write was issued.
         let trace = td.dev.faults().take_trace();
         assert_eq!(trace.len(), 1, "{at}: {trace:?}");
         assert_eq!((trace[0].op, trace[0].sector), (DmIoOp::Write, 0), "{at}");
         // The client still works from an ordinary thread.
-        let done = client.io_sync(
-            DmIoRequest::read(AlignedBuf::new(4096)),
-            &[DmIoRegion::new(&td.dev, 0, 8)],
-        );
+        let done = client
+            .io_sync(DmIoRequest::read(AlignedBuf::new(4096)), &[DmIoRegion::new(&td.dev, 0, 8)]);
         let bytes = done.unwrap().into_result().unwrap().unwrap().to_vec();
         check_pattern(&bytes, 0, 4).unwrap_or_else(|e| panic!("{at}: {e}"));
     }
@@ -675,18 +543,9 @@ fn error_text_names_the_region_and_the_device() {
         for (regions, req, region, reason) in cases {
             let err = client.io_sync(req, &regions).expect_err(reason);
             let text = err.to_string();
-            assert!(
-                text.contains(region),
-                "{backing}: {text:?} does not name {region}"
-            );
-            assert!(
-                text.contains(&path),
-                "{backing}: {text:?} does not name {path}"
-            );
-            assert!(
-                text.contains(reason),
-                "{backing}: {text:?} does not say {reason:?}"
-            );
+            assert!(text.contains(region), "{backing}: {text:?} does not name {region}");
+            assert!(text.contains(&path), "{backing}: {text:?} does not name {path}");
+            assert!(text.contains(reason), "{backing}: {text:?} does not say {reason:?}");
         }
     }
 }
@@ -713,10 +572,8 @@ fn random_input_never_panics() {
             let n = pick(next(), &[0, 1, 1, 2, 3, 64, 65, 70]) as usize;
             let regions: Vec<DmIoRegion> = (0..n)
                 .map(|_| {
-                    let sector = pick(
-                        next(),
-                        &[0, 1, 7, 8, 64, 16376, 16384, u64::MAX - 7, u64::MAX],
-                    );
+                    let sector =
+                        pick(next(), &[0, 1, 7, 8, 64, 16376, 16384, u64::MAX - 7, u64::MAX]);
                     let count = pick(next(), &[0, 1, 7, 8, 16, 16384, u64::MAX]);
                     DmIoRegion::new(dev, sector, count)
                 })
@@ -725,9 +582,7 @@ fn random_input_never_panics() {
             let memory: DmIoMemory = match next() % 4 {
                 0 => AlignedBuf::new(len).into(),
                 1 => PageList::with_offset(
-                    (0..len.div_ceil(PAGE_SIZE) + 1)
-                        .map(|_| Page::new())
-                        .collect(),
+                    (0..len.div_ceil(PAGE_SIZE) + 1).map(|_| Page::new()).collect(),
                     pick(next(), &[0, 1, 512, 4096]) as usize,
                 )
                 .into(),
@@ -759,9 +614,6 @@ fn random_input_never_panics() {
                 }
             }
         }
-        assert!(
-            refused > 0 && accepted > 0,
-            "{at}: {refused} refused, {accepted} accepted"
-        );
+        assert!(refused > 0 && accepted > 0, "{at}: {refused} refused, {accepted} accepted");
     }
 }

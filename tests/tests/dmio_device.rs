@@ -24,10 +24,7 @@ fn limits_are_probed_for_every_backing() {
             }
         }
         assert!(info.dio_mem_align.is_power_of_two(), "{backing}: {info:?}");
-        assert!(
-            info.max_io_bytes >= u64::from(info.logical_block_size),
-            "{backing}: {info:?}"
-        );
+        assert!(info.max_io_bytes >= u64::from(info.logical_block_size), "{backing}: {info:?}");
         assert_ne!(
             info.alignment_source,
             AlignmentSource::Conservative,
@@ -51,31 +48,10 @@ fn missing_path_is_not_found() {
 #[test]
 fn directories_and_character_devices_are_refused_by_type() {
     let err = BlockDevice::open(image_dir()).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            DmIoError::NotABlockDevice {
-                kind: "directory",
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, DmIoError::NotABlockDevice { kind: "directory", .. }), "{err:?}");
     let err = BlockDevice::open("/dev/null").unwrap_err();
-    assert!(
-        matches!(
-            err,
-            DmIoError::NotABlockDevice {
-                kind: "character device",
-                ..
-            }
-        ),
-        "{err:?}"
-    );
-    assert!(
-        err.to_string()
-            .contains("neither a block device nor a regular file")
-    );
+    assert!(matches!(err, DmIoError::NotABlockDevice { kind: "character device", .. }), "{err:?}");
+    assert!(err.to_string().contains("neither a block device nor a regular file"));
 }
 
 #[test]
@@ -83,10 +59,7 @@ fn a_filesystem_without_o_direct_is_reported() {
     // procfs files are regular files that cannot be opened with O_DIRECT.
     let err = BlockDevice::open_with("/proc/self/status", DeviceOptions::new().read_only(true))
         .unwrap_err();
-    assert!(
-        matches!(err, DmIoError::DirectIoUnsupported { .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, DmIoError::DirectIoUnsupported { .. }), "{err:?}");
     assert!(err.to_string().contains("O_DIRECT"));
 }
 
@@ -113,10 +86,7 @@ fn a_read_only_block_device_cannot_be_opened_for_writing() {
     }
     let dir = tempfile::tempdir_in(image_dir()).unwrap();
     let image = dir.path().join("ro.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    std::fs::File::create(&image).unwrap().set_len(1 << 20).unwrap();
     let lo = LoopDevice::attach(&image, LoopOptions::new().read_only(true)).unwrap();
     let err = BlockDevice::open(lo.path()).unwrap_err();
     assert!(matches!(err, DmIoError::DeviceReadOnly { .. }), "{err:?}");
@@ -127,12 +97,7 @@ fn a_read_only_block_device_cannot_be_opened_for_writing() {
 #[test]
 fn size_can_be_refreshed_after_a_file_grows() {
     let td = TestDevice::new(Backing::File, 1 << 20);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(td.image())
-        .unwrap()
-        .set_len(2 << 20)
-        .unwrap();
+    std::fs::OpenOptions::new().write(true).open(td.image()).unwrap().set_len(2 << 20).unwrap();
     assert_eq!(td.dev.size_bytes(), 1 << 20);
     assert_eq!(td.dev.refresh_size().unwrap(), 2 << 20);
     assert_eq!(td.dev.size_sectors(), 4096);
@@ -145,27 +110,9 @@ fn child_opens_without_permission() {
         return;
     };
     let err = BlockDevice::open(&path).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            DmIoError::PermissionDenied {
-                read_only: false,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, DmIoError::PermissionDenied { read_only: false, .. }), "{err:?}");
     let err = BlockDevice::open_with(&path, DeviceOptions::new().read_only(true)).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            DmIoError::PermissionDenied {
-                read_only: true,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, DmIoError::PermissionDenied { read_only: true, .. }), "{err:?}");
 }
 
 #[test]
@@ -177,30 +124,17 @@ fn no_permission_is_permission_denied() {
     }
     let dir = tempfile::tempdir_in(image_dir()).unwrap();
     let image = dir.path().join("private.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(1 << 20)
+    std::fs::File::create(&image).unwrap().set_len(1 << 20).unwrap();
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
         .unwrap();
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
     std::fs::set_permissions(&image, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let exe = std::env::current_exe().unwrap();
     let status = Command::new(exe)
-        .args([
-            "--exact",
-            "child_opens_without_permission",
-            "--test-threads=1",
-        ])
+        .args(["--exact", "child_opens_without_permission", "--test-threads=1"])
         .env("DMIO_CHILD_OPEN", &image)
         .uid(65534)
         .gid(65534)
         .status()
         .unwrap();
-    assert!(
-        status.success(),
-        "the unprivileged child did not get PermissionDenied"
-    );
+    assert!(status.success(), "the unprivileged child did not get PermissionDenied");
 }

@@ -67,10 +67,7 @@ fn seccomp_blocked_io_uring_falls_back_to_the_sync_engine_and_says_why() {
     });
     assert_eq!(engine, EngineKind::Sync);
     let reason = reason.expect("a fallback reason");
-    assert!(
-        reason.contains("seccomp"),
-        "reason should name seccomp: {reason}"
-    );
+    assert!(reason.contains("seccomp"), "reason should name seccomp: {reason}");
     data_ok.unwrap();
 }
 
@@ -82,26 +79,19 @@ fn missing_io_uring_is_reported_as_too_old_or_absent() {
         client.engine_fallback_reason().map(str::to_owned)
     });
     let reason = reason.expect("a fallback reason");
-    assert!(
-        reason.contains("ENOSYS") && reason.contains("too old"),
-        "{reason}"
-    );
+    assert!(reason.contains("ENOSYS") && reason.contains("too old"), "{reason}");
 }
 
 #[test]
 fn an_explicit_io_uring_request_fails_with_the_reason_instead_of_falling_back() {
     let result = with_io_uring_blocked(libc::EPERM, || {
-        DmIoClient::with_config(DmIoConfig {
-            engine: EngineChoice::Uring,
-            ..Default::default()
-        })
-        .map(|_| ())
+        DmIoClient::with_config(DmIoConfig { engine: EngineChoice::Uring, ..Default::default() })
+            .map(|_| ())
     });
     match result {
-        Err(DmIoError::EngineSetup {
-            engine: "io_uring",
-            reason,
-        }) => assert!(reason.contains("seccomp"), "{reason}"),
+        Err(DmIoError::EngineSetup { engine: "io_uring", reason }) => {
+            assert!(reason.contains("seccomp"), "{reason}")
+        }
         other => panic!("expected EngineSetup, got {other:?}"),
     }
 }
@@ -131,18 +121,11 @@ fn child_reports_engine_from_environment() {
 fn dmio_engine_environment_variable_overrides_auto() {
     for (value, expected) in [("sync", "sync"), ("uring", "io_uring")] {
         let status = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "child_reports_engine_from_environment",
-                "--test-threads=1",
-            ])
+            .args(["--exact", "child_reports_engine_from_environment", "--test-threads=1"])
             .env("DMIO_ENGINE", value)
             .env("DMIO_CHILD_EXPECT", expected)
             .status()
             .unwrap();
-        assert!(
-            status.success(),
-            "DMIO_ENGINE={value} did not select {expected}"
-        );
+        assert!(status.success(), "DMIO_ENGINE={value} did not select {expected}");
     }
 }

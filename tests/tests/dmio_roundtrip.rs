@@ -27,18 +27,16 @@ fn write_read_verify_every_backing_engine_and_memory() {
             let td = TestDevice::new(backing, 8 << 20);
             let client = client(engine);
             let sectors = 256u64; // 128 KiB
-            for (i, mem) in memories(&pattern(0, sectors, 7), client.page_pool())
-                .into_iter()
-                .enumerate()
+            for (i, mem) in
+                memories(&pattern(0, sectors, 7), client.page_pool()).into_iter().enumerate()
             {
                 let start = 1024 + i as u64 * 512;
                 let region = DmIoRegion::new(&td.dev, start, sectors);
                 let mut mem = mem;
                 mem.copy_from_slice(0, &pattern(start, sectors, 7));
                 let kind = mem.kind_name();
-                let done = client
-                    .io_sync(DmIoRequest::write(mem), std::slice::from_ref(&region))
-                    .unwrap();
+                let done =
+                    client.io_sync(DmIoRequest::write(mem), std::slice::from_ref(&region)).unwrap();
                 assert!(
                     done.is_ok(),
                     "{backing}/{engine:?}/{kind}: write failed: {:?}",

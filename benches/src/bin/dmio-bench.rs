@@ -166,10 +166,7 @@ struct Args {
 fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let lower = t.to_ascii_lowercase();
-    let lower = lower
-        .strip_suffix("ib")
-        .or_else(|| lower.strip_suffix('b'))
-        .unwrap_or(&lower);
+    let lower = lower.strip_suffix("ib").or_else(|| lower.strip_suffix('b')).unwrap_or(&lower);
     let (digits, shift) = match lower.chars().last() {
         Some('k') => (&lower[..lower.len() - 1], 10),
         Some('m') => (&lower[..lower.len() - 1], 20),
@@ -180,8 +177,7 @@ fn parse_size(text: &str) -> Result<u64, String> {
     let n: u64 = digits
         .parse()
         .map_err(|_| format!("`{text}` is not a size (examples: 4096, 4k, 1m, 2g)"))?;
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("`{text}` is too large"))
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("`{text}` is too large"))
 }
 
 /// Run phases, as seen by the callbacks.
@@ -299,9 +295,7 @@ impl Driver {
                 None => return false,
             }
         };
-        let req = DmIoRequest::new(self.op)
-            .with_memory(memory)
-            .with_notify(notify);
+        let req = DmIoRequest::new(self.op).with_memory(memory).with_notify(notify);
         let region = DmIoRegion::new(&self.device, sector, self.sectors);
         match self.client.submit(req, &[region]) {
             Ok(()) => true,
@@ -316,8 +310,7 @@ impl Driver {
 /// Records the latency of slot `slot`'s request, completed at `now`.
 fn record_latency(hot: &mut Hot, slot: usize, now: Instant) {
     let ns = now.saturating_duration_since(hot.start[slot]).as_nanos();
-    hot.hist
-        .saturating_record(u64::try_from(ns).unwrap_or(u64::MAX).max(1));
+    hot.hist.saturating_record(u64::try_from(ns).unwrap_or(u64::MAX).max(1));
 }
 
 impl NotifyHandler for Driver {
@@ -387,17 +380,9 @@ impl SystemCpu {
         let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else {
             return SystemCpu::default();
         };
-        let f: Vec<u64> = line
-            .split_whitespace()
-            .skip(1)
-            .map(|x| x.parse().unwrap_or(0))
-            .collect();
+        let f: Vec<u64> = line.split_whitespace().skip(1).map(|x| x.parse().unwrap_or(0)).collect();
         let at = |i: usize| f.get(i).copied().unwrap_or(0);
-        SystemCpu {
-            busy: at(0) + at(1) + at(2) + at(5) + at(6),
-            steal: at(7),
-            idle: at(3) + at(4),
-        }
+        SystemCpu { busy: at(0) + at(1) + at(2) + at(5) + at(6), steal: at(7), idle: at(3) + at(4) }
     }
 }
 
@@ -476,20 +461,12 @@ impl Report {
 
     /// `seconds` of CPU per I/O, in microseconds.
     fn per_io_us(&self, seconds: f64) -> f64 {
-        if self.ios == 0 {
-            0.0
-        } else {
-            seconds * 1e6 / self.ios as f64
-        }
+        if self.ios == 0 { 0.0 } else { seconds * 1e6 / self.ios as f64 }
     }
 
     /// `n` per operation issued.
     fn ratio(&self, n: u64) -> f64 {
-        if self.stats.ops == 0 {
-            0.0
-        } else {
-            n as f64 / self.stats.ops as f64
-        }
+        if self.stats.ops == 0 { 0.0 } else { n as f64 / self.stats.ops as f64 }
     }
 
     /// The report as one JSON object.
@@ -639,10 +616,7 @@ fn sleep_watching(driver: &Driver, secs: f64) -> bool {
 /// Runs the benchmark.
 fn run(args: &Args) -> Result<Report, String> {
     if args.iodepth == 0 || args.iodepth > 65536 {
-        return Err(format!(
-            "--iodepth must be 1 to 65536, not {}",
-            args.iodepth
-        ));
+        return Err(format!("--iodepth must be 1 to 65536, not {}", args.iodepth));
     }
     if !(args.runtime > 0.0 && args.runtime.is_finite()) {
         return Err(format!(
@@ -693,9 +667,7 @@ fn run(args: &Args) -> Result<Report, String> {
     }
     let range_blocks = size / bs;
     if range_blocks == 0 {
-        return Err(format!(
-            "the range ({size} bytes) is smaller than one block of {bs} bytes"
-        ));
+        return Err(format!("the range ({size} bytes) is smaller than one block of {bs} bytes"));
     }
 
     let pages_per_io = (bs as usize).div_ceil(PAGE_SIZE);
@@ -704,9 +676,7 @@ fn run(args: &Args) -> Result<Report, String> {
     let needed_ring = (args.iodepth * ops_per_io + 2).next_power_of_two();
     let ring_entries = match args.ring_entries {
         Some(n) => n,
-        None => defaults
-            .ring_entries
-            .max(u32::try_from(needed_ring.min(32768)).unwrap_or(32768)),
+        None => defaults.ring_entries.max(u32::try_from(needed_ring.min(32768)).unwrap_or(32768)),
     };
     let config = DmIoConfig {
         reserve,
@@ -771,11 +741,7 @@ fn run(args: &Args) -> Result<Report, String> {
         range_start: args.offset / SECTOR_SIZE,
         range_blocks,
         sectors: bs / SECTOR_SIZE,
-        phase: AtomicU8::new(if args.ramp > 0.0 {
-            PHASE_RAMP
-        } else {
-            PHASE_MEASURE
-        }),
+        phase: AtomicU8::new(if args.ramp > 0.0 { PHASE_RAMP } else { PHASE_MEASURE }),
         in_flight: AtomicUsize::new(0),
         errors: AtomicU64::new(0),
         hot: Mutex::new(Hot {
@@ -875,11 +841,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     match run(&args) {
         Ok(report) => {
-            let out = if args.json {
-                format!("{}\n", report.json())
-            } else {
-                report.human()
-            };
+            let out = if args.json { format!("{}\n", report.json()) } else { report.human() };
             match std::io::stdout().lock().write_all(out.as_bytes()) {
                 Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
                     eprintln!("dmio-bench: error: writing the report: {e}");

@@ -10,7 +10,9 @@ use std::io;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 
 use super::{Engine, EngineKind, EngineWaker, IoOp, Wait};
 
@@ -19,11 +21,16 @@ const WAKE_TOKEN: u64 = u64::MAX;
 
 struct ChannelWaker {
     tx: Sender<(u64, i32)>,
+    /// A wake token is in the channel and not yet received: at most one ever is,
+    /// so the bounded channel always has room for it.
+    pending: AtomicBool,
 }
 
 impl EngineWaker for ChannelWaker {
     fn wake(&self) {
-        let _ = self.tx.send((WAKE_TOKEN, 0));
+        if !self.pending.swap(true, Ordering::AcqRel) {
+            let _ = self.tx.try_send((WAKE_TOKEN, 0));
+        }
     }
 }
 
@@ -37,21 +44,25 @@ pub(crate) struct SyncEngine {
 }
 
 impl SyncEngine {
-    /// Starts `threads` worker threads.
-    pub(crate) fn new(threads: usize) -> io::Result<SyncEngine> {
-        let (ops_tx, ops_rx) = unbounded::<IoOp>();
-        let (done_tx, done_rx) = unbounded();
+    /// Starts `threads` worker threads for at most `max_in_flight` ops at a time.
+    ///
+    /// Both queues are bounded and preallocated (an unbounded channel allocates a
+    /// block every few dozen messages): the dispatcher never has more than
+    /// `max_in_flight` ops out, and at most one wake token is queued.
+    pub(crate) fn new(threads: usize, max_in_flight: usize) -> io::Result<SyncEngine> {
+        let (ops_tx, ops_rx) = bounded::<IoOp>(max_in_flight);
+        let (done_tx, done_rx) = bounded(max_in_flight + 1);
         let mut workers = Vec::new();
         for i in 0..threads.max(1) {
             let ops_rx = ops_rx.clone();
             let done_tx = done_tx.clone();
-            let worker = std::thread::Builder::new()
-                .name(format!("dmio-sync-{i}"))
-                .spawn(move || {
+            let worker =
+                std::thread::Builder::new().name(format!("dmio-sync-{i}")).spawn(move || {
                     let mut ioprio = 0u16;
                     for op in ops_rx {
                         // Blocking I/O carries the thread's priority: set it when the
                         // op asks for another one.
+                        // (The dispatcher passes 0 for ops that carry no priority.)
                         if op.ioprio != ioprio && crate::sys::set_thread_ioprio(op.ioprio).is_ok() {
                             ioprio = op.ioprio;
                         }
@@ -69,9 +80,9 @@ impl SyncEngine {
         Ok(SyncEngine {
             ops: Some(ops_tx),
             done_rx,
-            waker: Arc::new(ChannelWaker { tx: done_tx }),
+            waker: Arc::new(ChannelWaker { tx: done_tx, pending: AtomicBool::new(false) }),
             workers,
-            received: Vec::new(),
+            received: Vec::with_capacity(max_in_flight + 1),
         })
     }
 }
@@ -83,7 +94,7 @@ impl Engine for SyncEngine {
 
     fn push(&mut self, op: &IoOp) -> bool {
         match &self.ops {
-            Some(tx) if tx.send(*op).is_ok() => {}
+            Some(tx) if tx.try_send(*op).is_ok() => {}
             // The workers are gone (cannot happen while the engine lives); fail the op.
             _ => self.received.push((op.user_data, -libc::EIO)),
         }
@@ -111,11 +122,14 @@ impl Engine for SyncEngine {
 
     fn reap(&mut self, out: &mut Vec<(u64, i32)>) {
         self.received.extend(self.done_rx.try_iter());
-        out.extend(
-            self.received
-                .drain(..)
-                .filter(|(token, _)| *token != WAKE_TOKEN),
-        );
+        for (token, res) in self.received.drain(..) {
+            if token == WAKE_TOKEN {
+                // The token is out of the channel: the next wake sends a new one.
+                self.waker.pending.store(false, Ordering::Release);
+            } else {
+                out.push((token, res));
+            }
+        }
     }
 
     fn waker(&self) -> Arc<dyn EngineWaker> {

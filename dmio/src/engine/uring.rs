@@ -51,9 +51,8 @@ pub(crate) struct UringEngine {
     ring: IoUring,
     waker: Arc<EventFdWaker>,
     /// The eventfd read's target buffer. Boxed so its address is stable while
-    /// the read is in flight; the box lives as long as the engine, and the engine
-    /// is only dropped after every op (including this read) has been reaped or
-    /// the ring is closed.
+    /// the read is in flight; `Drop` completes and reaps the read before the box
+    /// is freed (or leaks the box).
     wake_buf: Box<[u8; 8]>,
     wake_armed: bool,
     /// Registered buffers: (start address, length, index).
@@ -86,9 +85,7 @@ impl UringEngine {
         let mut ring = None;
         for configure in attempts {
             let mut builder = IoUring::builder();
-            builder
-                .setup_cqsize(entries.saturating_mul(2))
-                .setup_clamp();
+            builder.setup_cqsize(entries.saturating_mul(2)).setup_clamp();
             configure(&mut builder);
             match builder.build(entries) {
                 Ok(r) => {
@@ -105,26 +102,17 @@ impl UringEngine {
         };
         let mut probe = Probe::new();
         ring.submitter().register_probe(&mut probe)?;
-        for code in [
-            opcode::Read::CODE,
-            opcode::Write::CODE,
-            opcode::Readv::CODE,
-            opcode::Fsync::CODE,
-        ] {
+        for code in
+            [opcode::Read::CODE, opcode::Write::CODE, opcode::Readv::CODE, opcode::Fsync::CODE]
+        {
             if !probe.is_supported(code) {
                 return Err(io::Error::from_raw_os_error(libc::EINVAL));
             }
         }
-        // Registering the ring fd saves an fdget per enter; optional.
-        let _ = ring.submitter().register_ring_fd();
-        let buffer_table = ring
-            .submitter()
-            .register_buffers_sparse(BUFFER_TABLE_SLOTS)
-            .is_ok()
+        let buffer_table = ring.submitter().register_buffers_sparse(BUFFER_TABLE_SLOTS).is_ok()
             && probe.is_supported(opcode::ReadFixed::CODE);
         let cmd_discard = probe.is_supported(opcode::UringCmd16::CODE) && kernel_at_least(6, 12);
-        let fd = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-            .map_err(io::Error::from)?;
+        let fd = EventFd::from_flags(EfdFlags::EFD_CLOEXEC).map_err(io::Error::from)?;
         let mut engine = UringEngine {
             ring,
             waker: Arc::new(EventFdWaker { fd }),
@@ -164,9 +152,8 @@ impl UringEngine {
             let waker = self.waker.clone();
             let (tx, op_rx) = unbounded::<IoOp>();
             let (done_tx, rx) = unbounded();
-            let spawned = std::thread::Builder::new()
-                .name("dmio-blocking".into())
-                .spawn(move || {
+            let spawned =
+                std::thread::Builder::new().name("dmio-blocking".into()).spawn(move || {
                     for op in op_rx {
                         // SAFETY: the dispatcher keeps the op's memory alive until it
                         // has reaped this op's completion (see execute_blocking).
@@ -178,11 +165,7 @@ impl UringEngine {
                     }
                 });
             if let Ok(thread) = spawned {
-                self.helper = Some(BlockingHelper {
-                    tx,
-                    rx,
-                    _thread: thread,
-                });
+                self.helper = Some(BlockingHelper { tx, rx, _thread: thread });
             }
         }
         self.helper.as_ref()
@@ -192,30 +175,20 @@ impl UringEngine {
         let fd = types::Fd(op.fd);
         let rw_flags = op.rw_flags;
         let entry = match (op.kind, op.buf) {
-            (
-                OpKind::Read,
-                OpBuf::Single {
-                    addr,
-                    len,
-                    fixed: Some(index),
-                },
-            ) => opcode::ReadFixed::new(fd, addr as *mut u8, len as u32, index)
-                .offset(op.offset)
-                .ioprio(op.ioprio)
-                .rw_flags(rw_flags)
-                .build(),
-            (
-                OpKind::Read,
-                OpBuf::Single {
-                    addr,
-                    len,
-                    fixed: None,
-                },
-            ) => opcode::Read::new(fd, addr as *mut u8, len as u32)
-                .offset(op.offset)
-                .ioprio(op.ioprio)
-                .rw_flags(rw_flags)
-                .build(),
+            (OpKind::Read, OpBuf::Single { addr, len, fixed: Some(index) }) => {
+                opcode::ReadFixed::new(fd, addr as *mut u8, len as u32, index)
+                    .offset(op.offset)
+                    .ioprio(op.ioprio)
+                    .rw_flags(rw_flags)
+                    .build()
+            }
+            (OpKind::Read, OpBuf::Single { addr, len, fixed: None }) => {
+                opcode::Read::new(fd, addr as *mut u8, len as u32)
+                    .offset(op.offset)
+                    .ioprio(op.ioprio)
+                    .rw_flags(rw_flags)
+                    .build()
+            }
             (OpKind::Read, OpBuf::Vectored { iov, count }) => {
                 opcode::Readv::new(fd, iov as *const libc::iovec, count)
                     .offset(op.offset)
@@ -223,30 +196,20 @@ impl UringEngine {
                     .rw_flags(rw_flags)
                     .build()
             }
-            (
-                OpKind::Write,
-                OpBuf::Single {
-                    addr,
-                    len,
-                    fixed: Some(index),
-                },
-            ) => opcode::WriteFixed::new(fd, addr as *const u8, len as u32, index)
-                .offset(op.offset)
-                .ioprio(op.ioprio)
-                .rw_flags(rw_flags)
-                .build(),
-            (
-                OpKind::Write,
-                OpBuf::Single {
-                    addr,
-                    len,
-                    fixed: None,
-                },
-            ) => opcode::Write::new(fd, addr as *const u8, len as u32)
-                .offset(op.offset)
-                .ioprio(op.ioprio)
-                .rw_flags(rw_flags)
-                .build(),
+            (OpKind::Write, OpBuf::Single { addr, len, fixed: Some(index) }) => {
+                opcode::WriteFixed::new(fd, addr as *const u8, len as u32, index)
+                    .offset(op.offset)
+                    .ioprio(op.ioprio)
+                    .rw_flags(rw_flags)
+                    .build()
+            }
+            (OpKind::Write, OpBuf::Single { addr, len, fixed: None }) => {
+                opcode::Write::new(fd, addr as *const u8, len as u32)
+                    .offset(op.offset)
+                    .ioprio(op.ioprio)
+                    .rw_flags(rw_flags)
+                    .build()
+            }
             (OpKind::Write, OpBuf::Vectored { iov, count }) => {
                 opcode::Writev::new(fd, iov as *const libc::iovec, count)
                     .offset(op.offset)
@@ -256,23 +219,16 @@ impl UringEngine {
             }
             (OpKind::Read | OpKind::Write, OpBuf::None) => {
                 // Not produced by the dispatcher; fail the op rather than panic.
-                return opcode::Nop::new()
-                    .build()
-                    .user_data(op.user_data | NOP_EINVAL);
+                return opcode::Nop::new().build().user_data(op.user_data | NOP_EINVAL);
             }
-            (OpKind::Flush, _) => opcode::Fsync::new(fd)
-                .flags(types::FsyncFlags::DATASYNC)
-                .build(),
+            (OpKind::Flush, _) => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
             (OpKind::PunchHole | OpKind::ZeroRange, _) => {
                 let mode = if op.kind == OpKind::PunchHole {
                     libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
                 } else {
                     libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
                 };
-                opcode::Fallocate::new(fd, op.len)
-                    .offset(op.offset)
-                    .mode(mode)
-                    .build()
+                opcode::Fallocate::new(fd, op.len).offset(op.offset).mode(mode).build()
             }
             (OpKind::BlockDiscard, _) => {
                 let mut cmd = [0u8; 16];
@@ -287,6 +243,25 @@ impl UringEngine {
     }
 }
 
+impl Drop for UringEngine {
+    fn drop(&mut self) {
+        // The eventfd read still targets `wake_buf`. Complete it (by waking) and
+        // reap its completion before the buffer is freed; if that cannot be
+        // confirmed, leak the 8 bytes rather than free memory the kernel may write.
+        if !self.wake_armed {
+            return;
+        }
+        self.waker.wake();
+        for _ in 0..1000 {
+            let _ = self.ring.submitter().submit_and_wait(1);
+            if self.ring.completion().any(|cqe| cqe.user_data() == WAKE_TOKEN) {
+                return;
+            }
+        }
+        Box::leak(std::mem::replace(&mut self.wake_buf, Box::new([0; 8])));
+    }
+}
+
 /// Marks a NOP that stands for an invalid op: its completion is turned into EINVAL.
 const NOP_EINVAL: u64 = 1 << 62;
 
@@ -295,9 +270,8 @@ fn kernel_at_least(major: u32, minor: u32) -> bool {
         return false;
     };
     let release = uts.release().to_string_lossy().into_owned();
-    let mut parts = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|p| p.parse::<u32>().ok());
+    let mut parts =
+        release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
     let (Some(a), Some(b)) = (parts.next(), parts.next()) else {
         return false;
     };
@@ -311,9 +285,7 @@ impl Engine for UringEngine {
 
     fn push(&mut self, op: &IoOp) -> bool {
         if op.kind == OpKind::BlockDiscard && !self.cmd_discard {
-            let sent = self
-                .helper()
-                .is_some_and(|helper| helper.tx.send(*op).is_ok());
+            let sent = self.helper().is_some_and(|helper| helper.tx.send(*op).is_ok());
             if !sent {
                 self.local.push((op.user_data, -libc::EAGAIN));
             }
@@ -329,11 +301,7 @@ impl Engine for UringEngine {
 
     fn submit_and_wait(&mut self, wait: Wait) -> io::Result<()> {
         self.arm_wake();
-        let wait = if self.local.is_empty() {
-            wait
-        } else {
-            Wait::No
-        };
+        let wait = if self.local.is_empty() { wait } else { Wait::No };
         let submitter = self.ring.submitter();
         let result = match wait {
             Wait::No => submitter.submit(),
@@ -390,18 +358,12 @@ impl Engine for UringEngine {
             return None;
         }
         let index = self.buffers.len() as u16;
-        let iov = libc::iovec {
-            iov_base: addr as *mut libc::c_void,
-            iov_len: len,
-        };
+        let iov = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: len };
         // SAFETY: the kernel pins the pages of [addr, addr + len) for as long as they
         // stay registered, so unmapping them later cannot cause a use-after-free;
         // the caller (the dispatcher) also keeps the owning pool alive.
-        let result = unsafe {
-            self.ring
-                .submitter()
-                .register_buffers_update(index as u32, &[iov], None)
-        };
+        let result =
+            unsafe { self.ring.submitter().register_buffers_update(index as u32, &[iov], None) };
         match result {
             Ok(_) => {
                 self.buffers.push((addr, len, index));

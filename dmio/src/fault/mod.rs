@@ -124,12 +124,7 @@ pub struct FaultRule {
 impl FaultRule {
     /// Fails every operation of `ops` overlapping `sectors` with `errno`.
     pub fn fail(ops: OpSet, sectors: Range<u64>, errno: i32) -> FaultRule {
-        FaultRule {
-            ops,
-            sectors,
-            action: FaultAction::Fail(errno),
-            trigger: Trigger::Always,
-        }
+        FaultRule { ops, sectors, action: FaultAction::Fail(errno), trigger: Trigger::Always }
     }
 
     /// Fails every Nth operation of `ops` (anywhere on the device) with `errno`.
@@ -299,18 +294,13 @@ impl FaultInjector {
 
     /// How many times rule `id` fired.
     pub fn fired(&self, id: RuleId) -> u64 {
-        self.state()
-            .rules
-            .iter()
-            .find(|(rid, ..)| *rid == id)
-            .map_or(0, |r| r.3)
+        self.state().rules.iter().find(|(rid, ..)| *rid == id).map_or(0, |r| r.3)
     }
 
     /// Replaces the device's reported limits (discard, write-zeroes, atomic writes).
     pub fn override_limits(&self, overrides: LimitOverrides) {
         *self.limits.lock().unwrap_or_else(|e| e.into_inner()) = overrides;
-        self.has_overrides
-            .store(overrides != LimitOverrides::default(), Ordering::Release);
+        self.has_overrides.store(overrides != LimitOverrides::default(), Ordering::Release);
     }
 
     fn overrides(&self) -> Option<LimitOverrides> {
@@ -411,11 +401,7 @@ impl FaultInjector {
         if let Some(trace) = state.trace.as_mut() {
             trace.push(TracedOp {
                 op: info.op,
-                sector: if info.op == DmIoOp::Flush {
-                    0
-                } else {
-                    info.sector
-                },
+                sector: if info.op == DmIoOp::Flush { 0 } else { info.sector },
                 sectors: info.sectors,
                 ioprio: info.ioprio,
                 fua: info.fua,
@@ -449,25 +435,14 @@ impl FaultInjector {
     }
 
     pub(crate) fn log_write(&self, sector: u64, data: Vec<u8>, fua: bool, dropped: bool) {
-        self.push_log(LogEntry::Write {
-            sector,
-            data,
-            fua,
-            dropped,
-        });
+        self.push_log(LogEntry::Write { sector, data, fua, dropped });
     }
 
     pub(crate) fn log_flush(&self, issued_at: u64) {
-        self.push_log(LogEntry::Flush {
-            issued_at: issued_at as usize,
-        });
+        self.push_log(LogEntry::Flush { issued_at: issued_at as usize });
     }
 
     pub(crate) fn log_zero(&self, sector: u64, sectors: u64, op: DmIoOp) {
-        self.push_log(LogEntry::Zero {
-            sector,
-            sectors,
-            op,
-        });
+        self.push_log(LogEntry::Zero { sector, sectors, op });
     }
 }

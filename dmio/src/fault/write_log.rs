@@ -37,6 +37,11 @@ pub enum LogEntry {
     },
 }
 
+/// The byte offset of `sector`, saturating (entries may be built by hand).
+fn byte_index(sector: u64) -> usize {
+    usize::try_from(sector.saturating_mul(SECTOR_SIZE)).unwrap_or(usize::MAX)
+}
+
 /// How to rebuild an image from a log prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Replay {
@@ -146,23 +151,16 @@ impl WriteLog {
                 continue;
             }
             match entry {
-                LogEntry::Write {
-                    sector,
-                    data,
-                    dropped: false,
-                    ..
-                } => {
-                    let start = (*sector * SECTOR_SIZE) as usize;
+                LogEntry::Write { sector, data, dropped: false, .. } => {
+                    let start = byte_index(*sector);
                     if start < image.len() {
-                        let end = (start + data.len()).min(image.len());
+                        let end = start.saturating_add(data.len()).min(image.len());
                         image[start..end].copy_from_slice(&data[..end - start]);
                     }
                 }
-                LogEntry::Zero {
-                    sector, sectors, ..
-                } => {
-                    let start = (*sector * SECTOR_SIZE) as usize;
-                    let end = ((*sector + *sectors) * SECTOR_SIZE) as usize;
+                LogEntry::Zero { sector, sectors, .. } => {
+                    let start = byte_index(*sector);
+                    let end = byte_index(sector.saturating_add(*sectors));
                     if start < image.len() {
                         let end = end.min(image.len());
                         image[start..end].fill(0);

@@ -76,20 +76,12 @@ impl BioVec {
         if len == 0 || offset.checked_add(len).is_none_or(|end| end > PAGE_SIZE) {
             return Err(DmIoError::BadSegment { offset, len });
         }
-        Ok(BioVec {
-            page,
-            offset: offset as u32,
-            len: len as u32,
-        })
+        Ok(BioVec { page, offset: offset as u32, len: len as u32 })
     }
 
     /// A segment covering a whole page.
     pub fn whole(page: Page) -> BioVec {
-        BioVec {
-            page,
-            offset: 0,
-            len: PAGE_SIZE as u32,
-        }
+        BioVec { page, offset: 0, len: PAGE_SIZE as u32 }
     }
 
     /// The page.
@@ -184,10 +176,7 @@ pub struct VirtualArea {
 impl VirtualArea {
     /// Maps a zero-filled area of `len` bytes (the mapping is rounded up to whole pages).
     pub fn new(len: usize) -> std::io::Result<VirtualArea> {
-        Ok(VirtualArea {
-            map: MmapBuf::new(len)?,
-            len,
-        })
+        Ok(VirtualArea { map: MmapBuf::new(len)?, len })
     }
 
     /// The length in bytes.
@@ -198,6 +187,11 @@ impl VirtualArea {
     /// Whether the area is empty.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The address of the first byte (without borrowing the bytes).
+    fn addr(&self) -> usize {
+        self.map.addr()
     }
 }
 
@@ -217,10 +211,7 @@ impl std::ops::DerefMut for VirtualArea {
 
 impl fmt::Debug for VirtualArea {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("VirtualArea")
-            .field("map", &self.map)
-            .field("len", &self.len)
-            .finish()
+        f.debug_struct("VirtualArea").field("map", &self.map).field("len", &self.len).finish()
     }
 }
 
@@ -298,7 +289,7 @@ impl DmIoMemory {
                         continue;
                     }
                     let len = PAGE_SIZE - skip;
-                    f(i, page.as_ptr() as usize + skip, len, pos);
+                    f(i, page.addr() + skip, len, pos);
                     pos += len as u64;
                     skip = 0;
                 }
@@ -306,12 +297,12 @@ impl DmIoMemory {
             DmIoMemory::Bvec(bvec) => {
                 let mut pos = 0u64;
                 for (i, seg) in bvec.segments.iter().enumerate() {
-                    f(i, seg.page.as_ptr() as usize + seg.offset(), seg.len(), pos);
+                    f(i, seg.page.addr() + seg.offset(), seg.len(), pos);
                     pos += seg.len() as u64;
                 }
             }
-            DmIoMemory::Vma(v) => f(0, v.as_ptr() as usize, v.len(), 0),
-            DmIoMemory::Kmem(k) => f(0, k.as_ptr() as usize, k.len(), 0),
+            DmIoMemory::Vma(v) => f(0, v.addr(), v.len(), 0),
+            DmIoMemory::Kmem(k) => f(0, k.addr(), k.len(), 0),
         }
     }
 
@@ -319,10 +310,11 @@ impl DmIoMemory {
     /// merging physically adjacent segments, until `len` is covered or `iov` holds
     /// `max_iov` entries. Returns the number of bytes covered.
     ///
-    /// Uses mutable access so that the addresses handed to the kernel for reads
-    /// derive from an exclusive borrow.
+    /// Only addresses are taken, never references to the bytes: earlier
+    /// operations of the same request may be transferring into other parts of the
+    /// memory meanwhile. The request owns the memory, so nothing else touches it.
     pub(crate) fn gather(
-        &mut self,
+        &self,
         start: u64,
         len: u64,
         cursor: &mut MemCursor,
@@ -340,21 +332,18 @@ impl DmIoMemory {
             if iov.len() >= max_iov {
                 return false;
             }
-            iov.push(libc::iovec {
-                iov_base: addr as *mut libc::c_void,
-                iov_len: n,
-            });
+            iov.push(libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: n });
             true
         };
         match self {
             DmIoMemory::Kmem(k) => {
-                let addr = k.as_mut_ptr() as usize + start as usize;
+                let addr = k.addr() + start as usize;
                 if push(iov, addr, len as usize) {
                     covered = len;
                 }
             }
             DmIoMemory::Vma(v) => {
-                let addr = v.as_mut_ptr() as usize + start as usize;
+                let addr = v.addr() + start as usize;
                 if push(iov, addr, len as usize) {
                     covered = len;
                 }
@@ -364,11 +353,11 @@ impl DmIoMemory {
                 while covered < len {
                     let index = (pos / PAGE_SIZE as u64) as usize;
                     let in_page = (pos % PAGE_SIZE as u64) as usize;
-                    let Some(page) = list.pages.get_mut(index) else {
+                    let Some(page) = list.pages.get(index) else {
                         break;
                     };
                     let n = ((PAGE_SIZE - in_page) as u64).min(len - covered);
-                    if !push(iov, page.as_mut_ptr() as usize + in_page, n as usize) {
+                    if !push(iov, page.addr() + in_page, n as usize) {
                         break;
                     }
                     covered += n;
@@ -379,7 +368,7 @@ impl DmIoMemory {
                 if start < cursor.segment_start {
                     *cursor = MemCursor::default();
                 }
-                let segs = &mut bvec.segments;
+                let segs = &bvec.segments;
                 // Advance the cursor to the segment holding `start`.
                 while cursor.segment < segs.len()
                     && cursor.segment_start + segs[cursor.segment].len as u64 <= start
@@ -390,11 +379,11 @@ impl DmIoMemory {
                 let mut seg = cursor.segment;
                 let mut seg_start = cursor.segment_start;
                 while covered < len && seg < segs.len() {
-                    let s = &mut segs[seg];
+                    let s = &segs[seg];
                     let skip = (start + covered - seg_start) as usize;
                     let n = ((s.len() - skip) as u64).min(len - covered);
                     let off = s.offset();
-                    if !push(iov, s.page.as_mut_ptr() as usize + off + skip, n as usize) {
+                    if !push(iov, s.page.addr() + off + skip, n as usize) {
                         break;
                     }
                     covered += n;

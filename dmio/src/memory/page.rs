@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 
-use super::raw::{MmapBuf, Page};
-use super::{PAGE_SIZE, PageList};
+use super::PageList;
+use super::raw::{Arena, Page};
 
 /// Shared state of a pool: the arena of reserved pages and its free list.
 pub(crate) struct PoolShared {
-    arena: MmapBuf,
+    arena: Arena,
     reserve: usize,
     free_tx: Sender<u32>,
     free_rx: Receiver<u32>,
@@ -22,7 +22,7 @@ pub(crate) struct PoolShared {
 }
 
 impl PoolShared {
-    pub(crate) fn arena(&self) -> &MmapBuf {
+    pub(crate) fn arena(&self) -> &Arena {
         &self.arena
     }
 
@@ -81,7 +81,7 @@ impl PagePool {
         let count = u32::try_from(reserve).map_err(|_| {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, "reserve too large")
         })?;
-        let arena = MmapBuf::new(reserve * PAGE_SIZE)?;
+        let arena = Arena::new(reserve)?;
         let (free_tx, free_rx) = bounded(reserve);
         for index in 0..count {
             let _ = free_tx.try_send(index);
@@ -114,6 +114,10 @@ impl PagePool {
     }
 
     /// Takes a page, waiting for one to be returned if none is available.
+    ///
+    /// Do not call this from a dm-io notify callback: pages come back only when
+    /// requests complete, which needs the completion thread the callback runs on.
+    /// Use [`try_alloc`](Self::try_alloc) there.
     pub fn alloc(&self) -> Page {
         loop {
             if let Some(page) = self.try_alloc() {

@@ -47,28 +47,53 @@ impl AlignedBuf {
     pub const DEFAULT_ALIGN: usize = PAGE_SIZE;
 
     /// A zero-filled buffer of `len` bytes aligned to one page.
+    ///
+    /// # Panics
+    ///
+    /// Like `Vec::with_capacity`, panics if the size overflows (use
+    /// [`try_new`](Self::try_new) to get an error instead); aborts if the
+    /// allocation fails.
     pub fn new(len: usize) -> AlignedBuf {
         Self::with_alignment(len, Self::DEFAULT_ALIGN)
     }
 
     /// A zero-filled buffer of `len` bytes aligned to `align`, which is rounded up
     /// to a power of two no smaller than one page.
+    ///
+    /// # Panics
+    ///
+    /// As [`new`](Self::new).
     pub fn with_alignment(len: usize, align: usize) -> AlignedBuf {
-        let align = align.max(PAGE_SIZE).next_power_of_two();
+        match Self::try_with_alignment(len, align) {
+            Some(buf) => buf,
+            None => panic!("AlignedBuf: capacity overflow ({len} bytes aligned to {align})"),
+        }
+    }
+
+    /// Like [`new`](Self::new), but `None` when the size overflows.
+    pub fn try_new(len: usize) -> Option<AlignedBuf> {
+        Self::try_with_alignment(len, Self::DEFAULT_ALIGN)
+    }
+
+    /// Like [`with_alignment`](Self::with_alignment), but `None` when the size or
+    /// the alignment overflows.
+    pub fn try_with_alignment(len: usize, align: usize) -> Option<AlignedBuf> {
+        let align = align.max(PAGE_SIZE).checked_next_power_of_two()?;
         // Round the capacity up to the alignment so that whole blocks can always be
         // transferred, and allocate at least one block (zero-sized layouts are not
         // allowed by the global allocator).
-        let cap = len.max(1).div_ceil(align) * align;
-        let layout = match Layout::from_size_align(cap, align) {
-            Ok(layout) => layout,
-            Err(_) => alloc::handle_alloc_error(Layout::new::<u8>()),
-        };
-        // SAFETY: the layout has a non-zero size (cap >= align >= 4096).
+        let cap = len.max(1).checked_next_multiple_of(align)?;
+        let layout = Layout::from_size_align(cap, align).ok()?;
+        // SAFETY: the layout has a non-zero size: cap >= align >= 4096, computed
+        // without overflow above.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(raw) else {
-            alloc::handle_alloc_error(layout)
-        };
-        AlignedBuf { ptr, len, layout }
+        let Some(ptr) = NonNull::new(raw) else { alloc::handle_alloc_error(layout) };
+        Some(AlignedBuf { ptr, len, layout })
+    }
+
+    /// The address of the first byte (without borrowing the bytes).
+    pub(crate) fn addr(&self) -> usize {
+        self.ptr.as_ptr() as usize
     }
 
     /// A new aligned buffer holding a copy of `bytes` (any length, any alignment).
@@ -147,7 +172,8 @@ impl fmt::Debug for AlignedBuf {
 
 /// An anonymous private memory mapping, page-aligned and zero-filled.
 ///
-/// Used for the page pool's arena and for [`VirtualArea`](crate::VirtualArea).
+/// Owned by a [`VirtualArea`](crate::VirtualArea) (which reads and writes it
+/// through `&self`/`&mut self`), or wrapped in an [`Arena`] for the page pool.
 pub(crate) struct MmapBuf {
     ptr: NonNull<u8>,
     len: usize,
@@ -155,13 +181,17 @@ pub(crate) struct MmapBuf {
 
 // SAFETY: MmapBuf owns its mapping exclusively; see AlignedBuf.
 unsafe impl Send for MmapBuf {}
-// SAFETY: shared references only read, or hand out raw addresses (see page_ptr).
+// SAFETY: a shared MmapBuf only gives `&[u8]` (as_slice) or its address; the
+// pool's arena, whose pages are written through `Page`s, is wrapped in `Arena`,
+// which offers no slice at all.
 unsafe impl Sync for MmapBuf {}
 
 impl MmapBuf {
     /// Maps `len` bytes (rounded up to whole pages, at least one page).
     pub(crate) fn new(len: usize) -> std::io::Result<MmapBuf> {
-        let len = len.max(1).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let len = len.max(1).checked_next_multiple_of(PAGE_SIZE).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "mapping size overflows")
+        })?;
         // SAFETY: an anonymous private mapping with no address hint touches no
         // existing memory; the result is checked below.
         let raw = unsafe {
@@ -191,16 +221,6 @@ impl MmapBuf {
         self.ptr.as_ptr() as usize
     }
 
-    /// A raw pointer to page `index` of the mapping.
-    fn page_ptr(&self, index: usize) -> Option<NonNull<u8>> {
-        if (index + 1) * PAGE_SIZE > self.len {
-            return None;
-        }
-        // SAFETY: index * PAGE_SIZE + PAGE_SIZE <= len, so the offset stays inside
-        // the mapping.
-        Some(unsafe { self.ptr.add(index * PAGE_SIZE) })
-    }
-
     pub(crate) fn as_slice(&self) -> &[u8] {
         // SAFETY: the mapping is `len` readable, zero-initialised bytes owned by self.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
@@ -223,12 +243,46 @@ impl Drop for MmapBuf {
     }
 }
 
+/// The page pool's arena: a mapping whose pages are handed out one by one as
+/// [`Page`]s and written through them. It deliberately offers no slice of the
+/// whole mapping, which would alias the pages' exclusive access.
+#[derive(Debug)]
+pub(crate) struct Arena(MmapBuf);
+
+impl Arena {
+    /// Maps an arena of `pages` pages.
+    pub(crate) fn new(pages: usize) -> std::io::Result<Arena> {
+        let len = pages.checked_mul(PAGE_SIZE).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "arena size overflows")
+        })?;
+        MmapBuf::new(len).map(Arena)
+    }
+
+    /// The start address.
+    pub(crate) fn addr(&self) -> usize {
+        self.0.addr()
+    }
+
+    /// The length in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// A raw pointer to page `index`.
+    fn page_ptr(&self, index: usize) -> Option<NonNull<u8>> {
+        let end = index.checked_add(1)?.checked_mul(PAGE_SIZE)?;
+        if end > self.0.len {
+            return None;
+        }
+        // SAFETY: index * PAGE_SIZE + PAGE_SIZE <= len, so the offset stays inside
+        // the mapping.
+        Some(unsafe { self.0.ptr.add(index * PAGE_SIZE) })
+    }
+}
+
 impl fmt::Debug for MmapBuf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MmapBuf")
-            .field("addr", &self.ptr)
-            .field("len", &self.len)
-            .finish()
+        f.debug_struct("MmapBuf").field("addr", &self.ptr).field("len", &self.len).finish()
     }
 }
 
@@ -255,10 +309,7 @@ enum PageHome {
     /// A page of a pool's arena; `index` is returned to the pool's free list on drop.
     Arena { pool: Arc<PoolShared>, index: u32 },
     /// A heap page, counted against its pool (if any) while alive.
-    Heap {
-        _buf: AlignedBuf,
-        pool: Option<Arc<PoolShared>>,
-    },
+    Heap { _buf: AlignedBuf, pool: Option<Arc<PoolShared>> },
 }
 
 // SAFETY: a Page owns its 4 KiB exclusively: arena pages are handed out once per
@@ -278,10 +329,7 @@ impl Page {
     pub(crate) fn from_heap(pool: Option<Arc<PoolShared>>) -> Page {
         let mut buf = AlignedBuf::new(PAGE_SIZE);
         let ptr = NonNull::new(buf.as_mut_ptr()).unwrap_or(NonNull::dangling());
-        Page {
-            ptr,
-            home: PageHome::Heap { _buf: buf, pool },
-        }
+        Page { ptr, home: PageHome::Heap { _buf: buf, pool } }
     }
 
     /// Takes a free page of `pool`'s arena, waiting up to `wait` for one.
@@ -297,13 +345,14 @@ impl Page {
         // SAFETY (aliasing): `index` came off the pool's free list, which holds
         // each index at most once, so this is the only live Page for it until it
         // is dropped and gives the index back.
-        Some(Page {
-            ptr,
-            home: PageHome::Arena {
-                pool: pool.clone(),
-                index,
-            },
-        })
+        Some(Page { ptr, home: PageHome::Arena { pool: pool.clone(), index } })
+    }
+}
+
+impl Page {
+    /// The address of the page (without borrowing its bytes).
+    pub(crate) fn addr(&self) -> usize {
+        self.ptr.as_ptr() as usize
     }
 }
 
@@ -335,9 +384,7 @@ impl Drop for Page {
     fn drop(&mut self) {
         match &self.home {
             PageHome::Arena { pool, index } => pool.give_back(*index),
-            PageHome::Heap {
-                pool: Some(pool), ..
-            } => pool.heap_page_dropped(),
+            PageHome::Heap { pool: Some(pool), .. } => pool.heap_page_dropped(),
             PageHome::Heap { pool: None, .. } => {}
         }
     }
@@ -349,9 +396,6 @@ impl fmt::Debug for Page {
             PageHome::Arena { index, .. } => format!("arena page {index}"),
             PageHome::Heap { .. } => "heap page".to_string(),
         };
-        f.debug_struct("Page")
-            .field("addr", &self.ptr)
-            .field("kind", &kind)
-            .finish()
+        f.debug_struct("Page").field("addr", &self.ptr).field("kind", &kind).finish()
     }
 }

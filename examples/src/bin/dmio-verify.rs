@@ -66,7 +66,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "sync" => EngineChoice::Sync,
         other => return Err(format!("unknown engine {other:?} (auto, uring or sync)").into()),
     };
-    if args.size == 0 || args.size % (1 << 20) != 0 {
+    if args.size == 0 || !args.size.is_multiple_of(1 << 20) {
         return Err("--size must be a positive multiple of 1 MiB".into());
     }
     // Keep the temporary image and loop device alive until the end.
@@ -115,16 +115,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         info.alignment_source,
         info.max_io_bytes / 1024,
         if dev.supports_discard() { "yes" } else { "no" },
-        if dev.supports_write_zeroes() {
-            "yes"
-        } else {
-            "no"
-        },
+        if dev.supports_write_zeroes() { "yes" } else { "no" },
     );
-    let config = DmIoConfig {
-        engine,
-        ..Default::default()
-    };
+    let config = DmIoConfig { engine, ..Default::default() };
     let client = DmIoClient::with_config(config.clone())?;
     println!("engine: {}", client.engine());
     if let Some(reason) = client.engine_fallback_reason() {
@@ -137,22 +130,14 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let quarter = total_sectors / 4;
     let qbytes = (quarter * 512) as usize;
     let started = Instant::now();
-    for (i, kind) in [
-        "page list",
-        "bio vector",
-        "virtual area",
-        "contiguous buffer",
-    ]
-    .iter()
-    .enumerate()
+    for (i, kind) in
+        ["page list", "bio vector", "virtual area", "contiguous buffer"].iter().enumerate()
     {
         let first = quarter * i as u64;
         let mut mem = match i {
             0 => DmIoMemory::PageList(client.page_pool().alloc_list(qbytes / 4096)),
             1 => DmIoMemory::Bvec(Bvec::new(
-                (0..qbytes / 4096)
-                    .map(|_| BioVec::whole(dmio::Page::new()))
-                    .collect(),
+                (0..qbytes / 4096).map(|_| BioVec::whole(dmio::Page::new())).collect(),
             )),
             2 => DmIoMemory::Vma(VirtualArea::new(qbytes)?),
             _ => DmIoMemory::Kmem(AlignedBuf::new(qbytes)),
@@ -160,12 +145,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let mut bytes = vec![0u8; qbytes];
         fill(&mut bytes, first);
         mem.copy_from_slice(0, &bytes);
-        let done = client.io_sync(
-            DmIoRequest::write(mem),
-            &[DmIoRegion::new(&dev, first, quarter)],
-        )?;
-        done.into_result()
-            .map_err(|e| format!("writing the {kind} quarter: {e}"))?;
+        let done =
+            client.io_sync(DmIoRequest::write(mem), &[DmIoRegion::new(&dev, first, quarter)])?;
+        done.into_result().map_err(|e| format!("writing the {kind} quarter: {e}"))?;
     }
     let flush = client.io_sync(DmIoRequest::flush(), &[DmIoRegion::new(&dev, 0, 0)])?;
     flush.into_result()?;
@@ -197,10 +179,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut bytes = vec![0u8; (half * 512) as usize];
     fill(&mut bytes, 0);
     let mem = AlignedBuf::from_slice(&bytes);
-    let regions = [
-        DmIoRegion::new(&dev, 0, half),
-        DmIoRegion::new(&dev, half, half),
-    ];
+    let regions = [DmIoRegion::new(&dev, 0, half), DmIoRegion::new(&dev, half, half)];
     let done = client.io_sync(DmIoRequest::write(mem).with_flags(ReqFlags::FUA), &regions)?;
     done.into_result()?;
     let req = DmIoRequest::read(AlignedBuf::new((half * 512) as usize));
