@@ -101,6 +101,10 @@ pub(crate) enum Wait {
     No,
     /// Until a completion or a wake-up arrives.
     Forever,
+    /// Until this many completions arrived, or at least one did and a short
+    /// time passed (a wake-up counts as a completion). Engines that cannot bound
+    /// the wait treat it as [`Wait::Forever`].
+    Batch(usize),
     /// Until a completion or a wake-up arrives, or the time passes (used for
     /// fault-injection delays).
     #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]

@@ -107,7 +107,7 @@ impl Engine for SyncEngine {
         }
         let got = match wait {
             Wait::No => return Ok(()),
-            Wait::Forever => self.done_rx.recv().ok(),
+            Wait::Forever | Wait::Batch(_) => self.done_rx.recv().ok(),
             Wait::Timeout(d) => match self.done_rx.recv_timeout(d) {
                 Ok(v) => Some(v),
                 Err(RecvTimeoutError::Timeout) => None,
