@@ -131,6 +131,27 @@ pub struct ClientStats {
     pub callback_panics: u64,
 }
 
+impl ClientStats {
+    /// The counts since an `earlier` snapshot of the same client.
+    ///
+    /// ```
+    /// let before = dmio::ClientStats { requests: 10, ops: 12, ..Default::default() };
+    /// let after = dmio::ClientStats { requests: 15, ops: 20, ..Default::default() };
+    /// assert_eq!(after.since(&before).requests, 5);
+    /// ```
+    pub fn since(&self, earlier: &ClientStats) -> ClientStats {
+        ClientStats {
+            requests: self.requests.saturating_sub(earlier.requests),
+            ops: self.ops.saturating_sub(earlier.ops),
+            retries: self.retries.saturating_sub(earlier.retries),
+            short_transfers: self.short_transfers.saturating_sub(earlier.short_transfers),
+            fixed_buffer_ops: self.fixed_buffer_ops.saturating_sub(earlier.fixed_buffer_ops),
+            submit_calls: self.submit_calls.saturating_sub(earlier.submit_calls),
+            callback_panics: self.callback_panics.saturating_sub(earlier.callback_panics),
+        }
+    }
+}
+
 /// State shared between the client handle, submitting threads and the
 /// completion thread.
 pub(crate) struct Shared {

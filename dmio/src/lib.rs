@@ -89,12 +89,39 @@
 //!   A failed preflush fails every region on that device and their data is not
 //!   written.
 //! - More than 64 regions, or a read with several, is an error, not a crash or a
-//!   warning.
+//!   warning. An atomic write ([`ReqFlags::ATOMIC`]) that would need splitting is
+//!   refused before submission, and a short atomic transfer fails instead of
+//!   being completed in pieces.
 //! - The error bits come with the errno and sector of each failure
 //!   ([`RegionFailure`]).
+//! - A request refused by validation is dropped (its memory with it) and its
+//!   callback is not called; pool pages go back to their pool on drop.
+//! - Zero-count regions are never checked for alignment or range: no data moves
+//!   through them (they only name a device to flush).
 //! - FUA on a regular file is `RWF_DSYNC`; discard and write-zeroes on a regular
 //!   file punch holes (write-zeroes with [`ReqFlags::NOUNMAP`] uses
-//!   `FALLOC_FL_ZERO_RANGE`).
+//!   `FALLOC_FL_ZERO_RANGE`). On a block device, write-zeroes is
+//!   `fallocate(PUNCH_HOLE)`, which never falls back to writing zero pages; a
+//!   NOUNMAP write-zeroes is reported as EOPNOTSUPP there, because the kernel's
+//!   only no-unmap zeroing call does fall back.
+//! - The I/O priority is carried by reads and writes only: userspace flushes,
+//!   discards and write-zeroes have no priority field.
+//! - A read-write open of a read-only block device fails at open
+//!   ([`DmIoError::DeviceReadOnly`]) rather than at the first write.
+//!
+//! ## Threads and performance
+//!
+//! Each client has one completion thread. It owns the io_uring (created with
+//! `SINGLE_ISSUER | DEFER_TASKRUN`), turns requests into operations, submits them
+//! in batches with one `io_uring_enter`, reaps completions and runs callbacks.
+//! Requests submitted from a callback go straight back into the same loop, so a
+//! callback-driven pipeline never crosses threads; requests from other threads are
+//! handed over through a preallocated queue and an eventfd wake-up. With many
+//! operations in flight the thread waits for a batch of completions (bounded to
+//! a few microseconds once one has arrived, on Linux 6.12 and later) rather than
+//! waking for each one. The client's page pool is registered with the ring, so
+//! single-page and contiguous transfers from it use the fixed-buffer opcodes.
+//! Measured against fio in `BENCHMARKS.md`.
 //!
 //! ## Features
 //!
