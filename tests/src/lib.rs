@@ -1,6 +1,7 @@
 //! Shared fixtures for the integration tests: temporary devices (regular files,
-//! and loop devices with 512- and 4096-byte sectors when root), engines, and a
-//! per-sector data pattern.
+//! and loop devices with 512- and 4096-byte sectors when root), engines and
+//! clients, a per-sector data pattern, blocking read and write helpers, a
+//! trace filter and a small deterministic generator.
 //!
 //! Loop-device scenarios are skipped with a printed reason when loop devices are
 //! unavailable, unless `DMIO_REQUIRE_LOOP=1` is set (CI sets it): then a missing
@@ -10,8 +11,12 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use dmio::fault::TracedOp;
 use dmio::loopdev::{LoopDevice, LoopOptions};
-use dmio::{BlockDevice, DeviceOptions, DmIoClient, DmIoConfig, EngineChoice};
+use dmio::{
+    AlignedBuf, BlockDevice, DeviceOptions, DmIoClient, DmIoCompletion, DmIoConfig, DmIoOp,
+    DmIoRegion, DmIoRequest, EngineChoice, ReqFlags,
+};
 
 /// What a test device is backed by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +64,37 @@ pub fn backings() -> Vec<Backing> {
 /// Both engines.
 pub const ENGINES: [EngineChoice; 2] = [EngineChoice::Uring, EngineChoice::Sync];
 
+/// Every (backing, engine) pair: each backing of [`backings`] with each of
+/// [`ENGINES`], backing by backing.
+pub fn configs() -> Vec<(Backing, EngineChoice)> {
+    backings().into_iter().flat_map(|b| ENGINES.into_iter().map(move |e| (b, e))).collect()
+}
+
+/// The label of a (backing, engine) pair, such as `loop4096/Uring`, for
+/// assertion messages.
+pub fn label(backing: Backing, engine: EngineChoice) -> String {
+    format!("{backing}/{engine:?}")
+}
+
+/// For each pair of [`configs`], in order: its [`label`], a fresh zero-filled
+/// device of `size` bytes, and a client with default settings. Each device and
+/// client is created when the iteration reaches its pair. Bind the three as
+/// `(at, td, client)` so that the client is dropped (which waits for its I/O)
+/// before the device.
+pub fn scenarios(size: u64) -> impl Iterator<Item = (String, TestDevice, DmIoClient)> {
+    scenarios_with(size, client)
+}
+
+/// [`scenarios`] with each client made by `make_client` for the pair's engine.
+pub fn scenarios_with(
+    size: u64,
+    make_client: impl Fn(EngineChoice) -> DmIoClient,
+) -> impl Iterator<Item = (String, TestDevice, DmIoClient)> {
+    configs().into_iter().map(move |(backing, engine)| {
+        (label(backing, engine), TestDevice::new(backing, size), make_client(engine))
+    })
+}
+
 /// A directory for test images on a filesystem that supports O_DIRECT (the
 /// system temporary directory; tmpfs would not exercise real direct I/O).
 pub fn image_dir() -> PathBuf {
@@ -82,6 +118,11 @@ impl TestDevice {
     /// A zero-filled device of `size` bytes.
     pub fn new(backing: Backing, size: u64) -> TestDevice {
         Self::with_options(backing, size, DeviceOptions::new())
+    }
+
+    /// `n` zero-filled devices of `size` bytes each, all backed by `backing`.
+    pub fn many(backing: Backing, size: u64, n: usize) -> Vec<TestDevice> {
+        (0..n).map(|_| TestDevice::new(backing, size)).collect()
     }
 
     /// A zero-filled device of `size` bytes, opened with `options`.
@@ -126,8 +167,20 @@ impl TestDevice {
 
 /// A client with `engine` and otherwise default settings.
 pub fn client(engine: EngineChoice) -> DmIoClient {
-    DmIoClient::with_config(DmIoConfig { engine, ..Default::default() })
+    client_with_config(engine, DmIoConfig::default())
+}
+
+/// A client with `engine` and the other settings of `config` (its `engine` is
+/// ignored).
+pub fn client_with_config(engine: EngineChoice, config: DmIoConfig) -> DmIoClient {
+    DmIoClient::with_config(DmIoConfig { engine, ..config })
         .unwrap_or_else(|e| panic!("creating a {engine:?} client: {e}"))
+}
+
+/// A client with `engine`, an op cap of `max_op_bytes`, `iovecs_per_op` iovecs
+/// per op, and otherwise default settings.
+pub fn client_with(engine: EngineChoice, max_op_bytes: u64, iovecs_per_op: usize) -> DmIoClient {
+    client_with_config(engine, DmIoConfig { max_op_bytes, iovecs_per_op, ..Default::default() })
 }
 
 /// The 512 bytes of the pattern for `sector` under `seed`: every 8-byte word
@@ -167,4 +220,96 @@ pub fn check_pattern(buf: &[u8], first_sector: u64, seed: u64) -> Result<(), Str
         }
     }
     Ok(())
+}
+
+/// The bytes of sectors `sector..sector + count` of a device `image`.
+pub fn sectors_of(image: &[u8], sector: u64, count: u64) -> &[u8] {
+    &image[(sector * 512) as usize..((sector + count) * 512) as usize]
+}
+
+/// Writes `data` (a whole number of sectors) at `sector` of `dev` with `flags`,
+/// blocking, and returns the completion; panics if the request is refused.
+pub fn write_at(
+    client: &DmIoClient,
+    dev: &Arc<BlockDevice>,
+    sector: u64,
+    data: &[u8],
+    flags: ReqFlags,
+) -> DmIoCompletion {
+    let req = DmIoRequest::write(AlignedBuf::from_slice(data)).with_flags(flags);
+    client
+        .io_sync(req, &[DmIoRegion::new(dev, sector, data.len() as u64 / 512)])
+        .unwrap_or_else(|e| panic!("write at sector {sector} rejected: {e}"))
+}
+
+/// Writes the pattern of `seed` to `sectors` sectors at `sector` of `dev`,
+/// blocking; panics if the write is refused or fails.
+pub fn write_pattern(
+    client: &DmIoClient,
+    dev: &Arc<BlockDevice>,
+    sector: u64,
+    sectors: u64,
+    seed: u64,
+) {
+    let done = write_at(client, dev, sector, &pattern(sector, sectors, seed), ReqFlags::empty());
+    assert!(done.is_ok(), "writing the pattern at sector {sector} failed: {:?}", done.failures);
+}
+
+/// Reads `sectors` sectors at `sector` of `dev`, blocking, into a buffer
+/// pre-filled with 0xAA; returns the completion (its memory taken) and the
+/// bytes. Panics if the read is refused.
+pub fn read_at(
+    client: &DmIoClient,
+    dev: &Arc<BlockDevice>,
+    sector: u64,
+    sectors: u64,
+) -> (DmIoCompletion, Vec<u8>) {
+    let buf = AlignedBuf::from_slice(&vec![0xAA; (sectors * 512) as usize]);
+    let mut done = client
+        .io_sync(DmIoRequest::read(buf), &[DmIoRegion::new(dev, sector, sectors)])
+        .unwrap_or_else(|e| panic!("read at sector {sector} rejected: {e}"));
+    let bytes = done.memory.take().expect("a read hands its memory back").to_vec();
+    assert_eq!(bytes.len(), (sectors * 512) as usize);
+    (done, bytes)
+}
+
+/// Reads `sectors` sectors at `sector` of `dev`, blocking, and returns the
+/// bytes; panics if the read is refused or fails.
+pub fn read_region(
+    client: &DmIoClient,
+    dev: &Arc<BlockDevice>,
+    sector: u64,
+    sectors: u64,
+) -> Vec<u8> {
+    let (done, bytes) = read_at(client, dev, sector, sectors);
+    assert!(done.is_ok(), "reading at sector {sector} failed: {:?}", done.failures);
+    bytes
+}
+
+/// The operations of kind `op` in `trace`, sorted by first sector.
+pub fn ops_of(trace: &[TracedOp], op: DmIoOp) -> Vec<TracedOp> {
+    let mut ops: Vec<TracedOp> = trace.iter().filter(|t| t.op == op).cloned().collect();
+    ops.sort_by_key(|t| t.sector);
+    ops
+}
+
+/// A small deterministic generator for workloads (splitmix64); the state is
+/// the seed.
+#[derive(Debug, Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number below `n` (which must not be 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
 }

@@ -27,7 +27,7 @@ use dmio::{
     BlockDevice, DmIoClient, DmIoCompletion, DmIoConfig, DmIoMemory, DmIoRegion, DmIoRequest,
     EngineChoice, Notify, NotifyHandler, PageList,
 };
-use tests::{Backing, TestDevice};
+use tests::{Backing, TestDevice, client_with_config};
 
 /// Counts allocations while `COUNTING` is set.
 struct CountingAlloc;
@@ -272,10 +272,8 @@ fn run_sync(
 fn zero_allocations_per_io(engine: EngineChoice) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let td = TestDevice::new(Backing::File, 4 << 20);
-    let client = Arc::new(
-        DmIoClient::with_config(DmIoConfig { engine, reserve: RESERVE, ..Default::default() })
-            .unwrap(),
-    );
+    let client =
+        Arc::new(client_with_config(engine, DmIoConfig { reserve: RESERVE, ..Default::default() }));
     let pool = client.page_pool();
     let chain = Arc::new(Chain {
         client: OnceLock::new(),

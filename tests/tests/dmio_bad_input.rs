@@ -20,15 +20,13 @@ use dmio::{
     DmIoOp, DmIoRegion, DmIoRequest, EngineChoice, MAX_REGIONS, PAGE_SIZE, Page, PageList,
     ReqFlags,
 };
-use tests::{Backing, ENGINES, TestDevice, backings, check_pattern, client, pattern};
+use tests::{
+    Rng, TestDevice, backings, check_pattern, client, configs, label, pattern, read_region,
+    scenarios,
+};
 
 /// The size of every test device.
 const DEV_SIZE: u64 = 8 << 20;
-
-/// Every (backing, engine) pair.
-fn cases() -> Vec<(Backing, EngineChoice)> {
-    backings().into_iter().flat_map(|b| ENGINES.into_iter().map(move |e| (b, e))).collect()
-}
 
 /// Submits the request `make` builds in all three ways (`submit` with a
 /// callback, `io_sync`, `submit_future`), expecting the same kind of error from
@@ -77,11 +75,6 @@ fn write_of(sectors: u64) -> DmIoRequest {
     DmIoRequest::write(AlignedBuf::from_slice(&pattern(0, sectors, 1)))
 }
 
-/// The device's logical block size in sectors.
-fn block_sectors(dev: &BlockDevice) -> u64 {
-    u64::from(dev.logical_block_size()) / 512
-}
-
 /// A misaligned start sector is refused with `MisalignedSector` naming the
 /// region, the device, the sector and the block size. Only possible where the
 /// logical block is larger than a sector (4096-byte loop devices, files on
@@ -89,12 +82,9 @@ fn block_sectors(dev: &BlockDevice) -> u64 {
 /// one-sector region there is accepted.
 #[test]
 fn misaligned_sector() {
-    for (backing, engine) in cases() {
-        let at = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, DEV_SIZE);
+    for (at, td, client) in scenarios(DEV_SIZE) {
         let dev = &td.dev;
-        let client = client(engine);
-        let bs = block_sectors(dev);
+        let bs = td.block_sectors();
         if bs == 1 {
             eprintln!("{at}: 512-byte blocks: no sector is misaligned; checking one is accepted");
             let done = client.io_sync(write_of(1), &[DmIoRegion::new(dev, 1, 1)]).unwrap();
@@ -131,12 +121,9 @@ fn misaligned_sector() {
 /// as read from the device, is larger than 512; skipped with a note otherwise).
 #[test]
 fn misaligned_count() {
-    for (backing, engine) in cases() {
-        let at = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, DEV_SIZE);
+    for (at, td, client) in scenarios(DEV_SIZE) {
         let dev = &td.dev;
-        let client = client(engine);
-        let bs = block_sectors(dev);
+        let bs = td.block_sectors();
         if bs == 1 {
             eprintln!("{at}: 512-byte blocks: every count is aligned; sub-case skipped");
             continue;
@@ -177,11 +164,8 @@ fn bvec_with(offset: usize, len: usize, pages: usize) -> Bvec {
 /// such 512-aligned memory is accepted and works.
 #[test]
 fn misaligned_memory() {
-    for (backing, engine) in cases() {
-        let at = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, DEV_SIZE);
+    for (at, td, client) in scenarios(DEV_SIZE) {
         let dev = &td.dev;
-        let client = client(engine);
         let lbs = dev.logical_block_size() as usize;
         let mem_align = dev.info().dio_mem_align as usize;
         // Region 0 has count 0 (skipped, not checked); region 1 is the one.
@@ -241,13 +225,7 @@ fn misaligned_memory() {
                 let done =
                     client.io_sync(req, &regions).expect("512-aligned memory on 512-byte blocks");
                 assert!(done.is_ok(), "{at}/{what}: {:?}", done.failures);
-                let back = client
-                    .io_sync(DmIoRequest::read(AlignedBuf::new(8192)), &regions[1..])
-                    .unwrap()
-                    .into_result()
-                    .unwrap()
-                    .unwrap()
-                    .to_vec();
+                let back = read_region(&client, dev, 64, 16);
                 check_pattern(&back, 64, 5).unwrap_or_else(|e| panic!("{at}/{what}: {e}"));
             }
         }
@@ -258,12 +236,9 @@ fn misaligned_memory() {
 /// with `OutOfRange`; a region ending exactly at the end is accepted.
 #[test]
 fn region_beyond_the_device() {
-    for (backing, engine) in cases() {
-        let at = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, DEV_SIZE);
+    for (at, td, client) in scenarios(DEV_SIZE) {
         let dev = &td.dev;
-        let client = client(engine);
-        let bs = block_sectors(dev);
+        let bs = td.block_sectors();
         let end = dev.size_sectors();
         assert_eq!(end, DEV_SIZE / 512, "{at}");
         let huge = u64::MAX / bs * bs;
@@ -306,9 +281,9 @@ fn region_beyond_the_device() {
 /// A read naming two regions is refused with `ReadWithMultipleRegions`.
 #[test]
 fn read_with_two_regions() {
-    for (backing, engine) in cases() {
-        let at = format!("{backing}/{engine:?}");
-        let tds = [TestDevice::new(backing, DEV_SIZE), TestDevice::new(backing, DEV_SIZE)];
+    for (backing, engine) in configs() {
+        let at = label(backing, engine);
+        let tds = TestDevice::many(backing, DEV_SIZE, 2);
         let client = client(engine);
         let regions = [DmIoRegion::new(&tds[0].dev, 0, 8), DmIoRegion::new(&tds[1].dev, 0, 8)];
         let read = || DmIoRequest::read(AlignedBuf::new(4096));
@@ -320,10 +295,7 @@ fn read_with_two_regions() {
 /// 65 regions are refused with `TooManyRegions`, whatever the operation.
 #[test]
 fn sixty_five_regions() {
-    for (backing, engine) in cases() {
-        let at = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, DEV_SIZE);
-        let client = client(engine);
+    for (at, td, client) in scenarios(DEV_SIZE) {
         let regions: Vec<DmIoRegion> =
             (0..65).map(|i| DmIoRegion::new(&td.dev, i * 64, 8)).collect();
         for (what, make) in [
@@ -346,11 +318,8 @@ fn sixty_five_regions() {
 /// region and both lengths.
 #[test]
 fn memory_shorter_than_the_region() {
-    for (backing, engine) in cases() {
-        let at = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, DEV_SIZE);
+    for (at, td, client) in scenarios(DEV_SIZE) {
         let dev = &td.dev;
-        let client = client(engine);
         let regions = [DmIoRegion::new(dev, 0, 8), DmIoRegion::new(dev, 64, 16)];
         let err = rejected(&client, || write_of(8), &regions, &[dev], &at);
         assert!(
@@ -371,8 +340,8 @@ fn memory_shorter_than_the_region() {
 /// are refused with `ReadOnlyDevice` naming the region, the device and the op.
 #[test]
 fn write_to_a_read_only_device() {
-    for (backing, engine) in cases() {
-        let at = format!("{backing}/{engine:?}");
+    for (backing, engine) in configs() {
+        let at = label(backing, engine);
         let td = TestDevice::with_options(backing, DEV_SIZE, DeviceOptions::new().read_only(true));
         let ro = &td.dev;
         let rw = BlockDevice::open(ro.path()).expect("opening read-write alongside");
@@ -404,10 +373,7 @@ fn write_to_a_read_only_device() {
 /// issued and no callback runs.
 #[test]
 fn closed_client() {
-    for (backing, engine) in cases() {
-        let at = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, DEV_SIZE);
-        let client = client(engine);
+    for (at, td, client) in scenarios(DEV_SIZE) {
         let region = [DmIoRegion::new(&td.dev, 0, 8)];
         let done = client.io_sync(write_of(8), &region).unwrap();
         assert!(done.is_ok(), "{at}");
@@ -430,10 +396,7 @@ fn closed_client() {
 /// operations need none.
 #[test]
 fn missing_memory() {
-    for (backing, engine) in cases() {
-        let at = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, DEV_SIZE);
-        let client = client(engine);
+    for (at, td, client) in scenarios(DEV_SIZE) {
         let region = [DmIoRegion::new(&td.dev, 0, 8)];
         for op in [DmIoOp::Read, DmIoOp::Write] {
             let err = rejected(&client, || DmIoRequest::new(op), &region, &[&td.dev], &at);
@@ -450,10 +413,7 @@ fn missing_memory() {
 /// blocking call is `io_sync`); nothing is issued.
 #[test]
 fn missing_notify() {
-    for (backing, engine) in cases() {
-        let at = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, DEV_SIZE);
-        let client = client(engine);
+    for (at, td, client) in scenarios(DEV_SIZE) {
         td.dev.faults().start_trace();
         let err = client.submit(write_of(8), &[DmIoRegion::new(&td.dev, 0, 8)]).expect_err(&at);
         assert!(matches!(err, DmIoError::MissingNotify), "{at}: {err:?}");
@@ -468,10 +428,8 @@ fn missing_notify() {
 /// nothing, and the client goes on working.
 #[test]
 fn blocking_call_from_a_callback() {
-    for (backing, engine) in cases() {
-        let at = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, DEV_SIZE);
-        let client = Arc::new(client(engine));
+    for (at, td, client) in scenarios(DEV_SIZE) {
+        let client = Arc::new(client);
         let (tx, rx) = mpsc::channel();
         let inner_client = client.clone();
         let dev = td.dev.clone();
@@ -492,9 +450,7 @@ fn blocking_call_from_a_callback() {
         assert_eq!(trace.len(), 1, "{at}: {trace:?}");
         assert_eq!((trace[0].op, trace[0].sector), (DmIoOp::Write, 0), "{at}");
         // The client still works from an ordinary thread.
-        let done = client
-            .io_sync(DmIoRequest::read(AlignedBuf::new(4096)), &[DmIoRegion::new(&td.dev, 0, 8)]);
-        let bytes = done.unwrap().into_result().unwrap().unwrap().to_vec();
+        let bytes = read_region(&client, &td.dev, 0, 8);
         check_pattern(&bytes, 0, 4).unwrap_or_else(|e| panic!("{at}: {e}"));
     }
 }
@@ -508,7 +464,7 @@ fn error_text_names_the_region_and_the_device() {
         let dev = &td.dev;
         let client = client(EngineChoice::Sync);
         let path = dev.path().display().to_string();
-        let bs = block_sectors(dev);
+        let bs = td.block_sectors();
         let end = dev.size_sectors();
         let ok = DmIoRegion::new(dev, 0, bs);
         let mut cases: Vec<(Vec<DmIoRegion>, DmIoRequest, &str, &str)> = vec![
@@ -554,18 +510,10 @@ fn error_text_names_the_region_and_the_device() {
 /// number of regions) never panics, and whatever is refused issued nothing.
 #[test]
 fn random_input_never_panics() {
-    for (backing, engine) in cases() {
-        let at = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, DEV_SIZE);
+    for (at, td, client) in scenarios(DEV_SIZE) {
         let dev = &td.dev;
-        let client = client(engine);
-        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ dev.logical_block_size() as u64;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ dev.logical_block_size() as u64);
+        let mut next = move || rng.next_u64();
         let (mut refused, mut accepted) = (0, 0);
         for _ in 0..300 {
             let pick = |r: u64, choices: &[u64]| choices[(r % choices.len() as u64) as usize];

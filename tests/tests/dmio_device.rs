@@ -128,8 +128,12 @@ fn no_permission_is_permission_denied() {
     std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
         .unwrap();
     std::fs::set_permissions(&image, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let exe = std::env::current_exe().unwrap();
-    let status = Command::new(exe)
+    // The test binary may sit in a directory `nobody` cannot enter (a private
+    // checkout): run a copy from the world-readable image directory instead.
+    let exe = dir.path().join("dmio-device-test");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let status = Command::new(&exe)
         .args(["--exact", "child_opens_without_permission", "--test-threads=1"])
         .env("DMIO_CHILD_OPEN", &image)
         .uid(65534)

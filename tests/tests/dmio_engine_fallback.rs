@@ -6,12 +6,9 @@
 use std::collections::BTreeMap;
 use std::process::Command;
 
-use dmio::{
-    AlignedBuf, DmIoClient, DmIoConfig, DmIoError, DmIoRegion, DmIoRequest, EngineChoice,
-    EngineKind,
-};
+use dmio::{DmIoClient, DmIoConfig, DmIoError, EngineChoice, EngineKind};
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
-use tests::{Backing, TestDevice, check_pattern, pattern};
+use tests::{Backing, TestDevice, check_pattern, read_region, write_pattern};
 
 /// Runs `f` on a new thread whose io_uring_setup calls fail with `errno` (the
 /// filter is inherited by the threads it spawns, such as the client's
@@ -44,21 +41,8 @@ fn seccomp_blocked_io_uring_falls_back_to_the_sync_engine_and_says_why() {
     let (engine, reason, data_ok) = with_io_uring_blocked(libc::EPERM, || {
         let client = DmIoClient::new().expect("Auto must fall back, not fail");
         let td = TestDevice::new(Backing::File, 1 << 20);
-        let data = pattern(8, 16, 3);
-        let done = client
-            .io_sync(
-                DmIoRequest::write(AlignedBuf::from_slice(&data)),
-                &[DmIoRegion::new(&td.dev, 8, 16)],
-            )
-            .unwrap();
-        assert!(done.is_ok());
-        let back = client
-            .io_sync(
-                DmIoRequest::read(AlignedBuf::new(data.len())),
-                &[DmIoRegion::new(&td.dev, 8, 16)],
-            )
-            .unwrap();
-        let bytes = back.into_result().unwrap().unwrap().to_vec();
+        write_pattern(&client, &td.dev, 8, 16, 3);
+        let bytes = read_region(&client, &td.dev, 8, 16);
         (
             client.engine(),
             client.engine_fallback_reason().map(str::to_owned),

@@ -15,84 +15,15 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dmio::fault::{
-    FaultAction, FaultRule, LimitOverrides, LogEntry, OpSet, Replay, TracedOp, Trigger,
-};
+use dmio::fault::{FaultAction, FaultRule, LimitOverrides, LogEntry, OpSet, Replay, Trigger};
 use dmio::{
     AlignedBuf, BioVec, BlockDevice, Bvec, DmIoClient, DmIoCompletion, DmIoConfig, DmIoError,
-    DmIoMemory, DmIoOp, DmIoRegion, DmIoRequest, EngineChoice, Errno, Notify, NotifyHandler,
-    PageList, ReqFlags,
+    DmIoMemory, DmIoOp, DmIoRegion, DmIoRequest, Errno, Notify, NotifyHandler, PageList, ReqFlags,
 };
-use tests::{Backing, ENGINES, TestDevice, backings, check_pattern, client, pattern};
-
-// Linux errno values (asm-generic, the same on every architecture dmio runs on).
-const EINTR: i32 = 4;
-const EIO: i32 = 5;
-const EAGAIN: i32 = 11;
-const EBUSY: i32 = 16;
-const ENOSPC: i32 = 28;
-const EILSEQ: i32 = 84;
-const EOPNOTSUPP: i32 = 95;
-
-/// Every (backing, engine) pair.
-fn configs() -> Vec<(Backing, EngineChoice)> {
-    let mut out = Vec::new();
-    for backing in backings() {
-        for engine in ENGINES {
-            out.push((backing, engine));
-        }
-    }
-    out
-}
-
-fn client_with(engine: EngineChoice, config: DmIoConfig) -> DmIoClient {
-    DmIoClient::with_config(DmIoConfig { engine, ..config })
-        .unwrap_or_else(|e| panic!("creating a {engine:?} client: {e}"))
-}
-
-fn region(dev: &Arc<BlockDevice>, sector: u64, count: u64) -> DmIoRegion {
-    DmIoRegion::new(dev, sector, count)
-}
-
-/// Writes `data` at `sector`, blocking; panics on bad input, returns the completion.
-fn write_at(
-    client: &DmIoClient,
-    dev: &Arc<BlockDevice>,
-    sector: u64,
-    data: &[u8],
-    flags: ReqFlags,
-) -> DmIoCompletion {
-    let req = DmIoRequest::write(AlignedBuf::from_slice(data)).with_flags(flags);
-    client
-        .io_sync(req, &[region(dev, sector, data.len() as u64 / 512)])
-        .unwrap_or_else(|e| panic!("write at sector {sector} rejected: {e}"))
-}
-
-/// Reads `sectors` at `sector` into a buffer pre-filled with 0xAA.
-fn read_at(
-    client: &DmIoClient,
-    dev: &Arc<BlockDevice>,
-    sector: u64,
-    sectors: u64,
-) -> (DmIoCompletion, Vec<u8>) {
-    let buf = AlignedBuf::from_slice(&vec![0xAA; (sectors * 512) as usize]);
-    let mut done = client
-        .io_sync(DmIoRequest::read(buf), &[region(dev, sector, sectors)])
-        .unwrap_or_else(|e| panic!("read at sector {sector} rejected: {e}"));
-    let bytes = done.memory.take().expect("a read hands its memory back").to_vec();
-    assert_eq!(bytes.len(), (sectors * 512) as usize);
-    (done, bytes)
-}
-
-fn sectors_of(image: &[u8], sector: u64, count: u64) -> &[u8] {
-    &image[(sector * 512) as usize..((sector + count) * 512) as usize]
-}
-
-fn data_ops(trace: &[TracedOp], op: DmIoOp) -> Vec<TracedOp> {
-    let mut ops: Vec<TracedOp> = trace.iter().filter(|t| t.op == op).cloned().collect();
-    ops.sort_by_key(|t| t.sector);
-    ops
-}
+use tests::{
+    Rng, TestDevice, check_pattern, client, client_with_config, configs, ops_of, pattern, read_at,
+    scenarios, scenarios_with, sectors_of, write_at,
+};
 
 // ---------------------------------------------------------------------------
 // Failures in a sector range
@@ -102,24 +33,24 @@ fn data_ops(trace: &[TracedOp], op: DmIoOp) -> Vec<TracedOp> {
 /// are kept, regions 0 and 2 are fully written, region 1 is untouched.
 #[test]
 fn failing_writes_in_a_range_set_only_that_regions_bit() {
-    for (backing, engine) in configs() {
-        let what = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, 8 << 20);
-        let client = client(engine);
+    for (what, td, client) in scenarios(8 << 20) {
         let old = pattern(3072, 64, 1);
         assert!(write_at(&client, &td.dev, 3072, &old, ReqFlags::empty()).is_ok());
 
-        let rule = td.dev.faults().add(FaultRule::fail(OpSet::WRITE, 3072..3136, ENOSPC));
+        let rule = td.dev.faults().add(FaultRule::fail(OpSet::WRITE, 3072..3136, libc::ENOSPC));
         let data = pattern(0, 64, 2);
-        let regions =
-            [region(&td.dev, 1024, 64), region(&td.dev, 3072, 64), region(&td.dev, 5120, 64)];
+        let regions = [
+            DmIoRegion::new(&td.dev, 1024, 64),
+            DmIoRegion::new(&td.dev, 3072, 64),
+            DmIoRegion::new(&td.dev, 5120, 64),
+        ];
         let req = DmIoRequest::write(AlignedBuf::from_slice(&data));
         let done = client.io_sync(req, &regions).unwrap();
         assert_eq!(done.error_bits.bits(), 0b010, "{what}: {:?}", done.failures);
         assert_eq!(done.failures.len(), 1, "{what}: {:?}", done.failures);
         let f = &done.failures[0];
         assert_eq!(f.region, 1, "{what}");
-        assert_eq!(f.errno, Errno(ENOSPC), "{what}");
+        assert_eq!(f.errno, Errno(libc::ENOSPC), "{what}");
         assert_eq!(f.op, DmIoOp::Write, "{what}");
         assert_eq!(f.sector, 3072, "{what}");
         assert_eq!(f.device.id(), td.dev.id(), "{what}");
@@ -134,7 +65,7 @@ fn failing_writes_in_a_range_set_only_that_regions_bit() {
         // The same failure through into_result: a typed error carrying the errno.
         let req = DmIoRequest::write(AlignedBuf::from_slice(&data));
         let err = client.io_sync(req, &regions).unwrap().into_result().unwrap_err();
-        assert_eq!(err.errno(), Some(Errno(ENOSPC)), "{what}");
+        assert_eq!(err.errno(), Some(Errno(libc::ENOSPC)), "{what}");
         match err {
             DmIoError::Regions(r) => assert_eq!(r.error_bits.bits(), 0b010, "{what}"),
             other => panic!("{what}: expected Regions, got {other}"),
@@ -152,11 +83,10 @@ fn failing_writes_in_a_range_set_only_that_regions_bit() {
 /// buffer holds the data read).
 #[test]
 fn failing_reads_zero_fill_exactly_the_failed_operations() {
-    for (backing, engine) in configs() {
-        let what = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, 8 << 20);
-        // 16 KiB per operation: the 128 KiB region below is read in 8 ops of 32 sectors.
-        let client = client_with(engine, DmIoConfig { max_op_bytes: 16384, ..Default::default() });
+    // 16 KiB per operation: the 128 KiB region below is read in 8 ops of 32 sectors.
+    let small_ops =
+        |e| client_with_config(e, DmIoConfig { max_op_bytes: 16384, ..Default::default() });
+    for (what, td, client) in scenarios_with(8 << 20, small_ops) {
         let start = 2048;
         let data = pattern(start, 256, 3);
         assert!(write_at(&client, &td.dev, start, &data, ReqFlags::empty()).is_ok());
@@ -164,9 +94,9 @@ fn failing_reads_zero_fill_exactly_the_failed_operations() {
         // (failing sectors, errno, expected failed ops as first sectors)
         let cases: [(std::ops::Range<u64>, i32, Vec<u64>); 2] = [
             // Inside op 3 only.
-            (start + 104..start + 112, EIO, vec![start + 96]),
+            (start + 104..start + 112, libc::EIO, vec![start + 96]),
             // Across the boundary of ops 4 and 5.
-            (start + 152..start + 168, EILSEQ, vec![start + 128, start + 160]),
+            (start + 152..start + 168, libc::EILSEQ, vec![start + 128, start + 160]),
         ];
         for (range, errno, failed_ops) in cases {
             let rule = td.dev.faults().add(FaultRule::fail(OpSet::READ, range.clone(), errno));
@@ -183,7 +113,7 @@ fn failing_reads_zero_fill_exactly_the_failed_operations() {
                 assert_eq!((f.region, f.errno, f.op), (0, Errno(errno), DmIoOp::Read));
             }
             // The trace agrees: 8 ops of 32 sectors, the expected ones failed.
-            let reads = data_ops(&trace, DmIoOp::Read);
+            let reads = ops_of(&trace, DmIoOp::Read);
             assert_eq!(reads.len(), 8, "{what}: {reads:?}");
             for t in &reads {
                 assert_eq!(t.sectors, 32, "{what}: {t:?}");
@@ -208,11 +138,8 @@ fn failing_reads_zero_fill_exactly_the_failed_operations() {
 /// an error and leave their blocks unwritten; then every 4th read fails.
 #[test]
 fn fail_every_nth_fails_exactly_the_expected_requests() {
-    for (backing, engine) in configs() {
-        let what = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, 8 << 20);
-        let client = client(engine);
-        let rule = td.dev.faults().add(FaultRule::fail_every_nth(OpSet::WRITE, 3, EIO));
+    for (what, td, client) in scenarios(8 << 20) {
+        let rule = td.dev.faults().add(FaultRule::fail_every_nth(OpSet::WRITE, 3, libc::EIO));
         let block = |i: u64| 4096 + 8 * i;
         let mut write_failed = Vec::new();
         for i in 0..12u64 {
@@ -221,7 +148,7 @@ fn fail_every_nth_fails_exactly_the_expected_requests() {
             write_failed.push(!done.is_ok());
             if !done.is_ok() {
                 assert_eq!(done.error_bits.bits(), 0b1, "{what}");
-                assert_eq!(done.failures[0].errno, Errno(EIO), "{what}");
+                assert_eq!(done.failures[0].errno, Errno(libc::EIO), "{what}");
             }
             // Reads are not counted by a write rule.
             let (read, bytes) = read_at(&client, &td.dev, block(i), 8);
@@ -237,7 +164,7 @@ fn fail_every_nth_fails_exactly_the_expected_requests() {
         assert_eq!(td.dev.faults().fired(rule), 4, "{what}");
         td.dev.faults().clear_rules();
 
-        td.dev.faults().add(FaultRule::fail_every_nth(OpSet::READ, 4, EIO));
+        td.dev.faults().add(FaultRule::fail_every_nth(OpSet::READ, 4, libc::EIO));
         let read_failed: Vec<bool> = (0..12u64)
             .map(|i| {
                 let (done, bytes) = read_at(&client, &td.dev, block(i), 8);
@@ -256,10 +183,7 @@ fn fail_every_nth_fails_exactly_the_expected_requests() {
 /// write log; writes outside the range land normally.
 #[test]
 fn dropped_writes_succeed_without_reaching_the_device() {
-    for (backing, engine) in configs() {
-        let what = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, 8 << 20);
-        let client = client(engine);
+    for (what, td, client) in scenarios(8 << 20) {
         let old = pattern(6144, 16, 5);
         assert!(write_at(&client, &td.dev, 6144, &old, ReqFlags::empty()).is_ok());
         let base = td.read_back();
@@ -299,10 +223,7 @@ fn dropped_writes_succeed_without_reaching_the_device() {
 #[test]
 fn delayed_writes_complete_after_the_delay_without_blocking_others() {
     let delay = Duration::from_millis(300);
-    for (backing, engine) in configs() {
-        let what = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, 8 << 20);
-        let client = client(engine);
+    for (what, td, client) in scenarios(8 << 20) {
         let rule = td.dev.faults().add(FaultRule::delay(OpSet::WRITE, delay));
         let (tx, rx) = mpsc::channel();
         let data = pattern(512, 8, 7);
@@ -310,7 +231,7 @@ fn delayed_writes_complete_after_the_delay_without_blocking_others() {
         let req = DmIoRequest::write(AlignedBuf::from_slice(&data)).on_complete(move |done| {
             tx.send((Instant::now(), done.error_bits)).unwrap();
         });
-        client.submit(req, &[region(&td.dev, 512, 8)]).unwrap();
+        client.submit(req, &[DmIoRegion::new(&td.dev, 512, 8)]).unwrap();
 
         // Reads are not delayed and not stuck behind the delayed write.
         let (read, _) = read_at(&client, &td.dev, 4096, 8);
@@ -336,10 +257,7 @@ fn delayed_writes_complete_after_the_delay_without_blocking_others() {
 /// correct for every memory type, no error is reported, and the client counts them.
 #[test]
 fn short_transfers_are_resubmitted_with_correct_data() {
-    for (backing, engine) in configs() {
-        let what = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, 8 << 20);
-        let client = client(engine);
+    for (what, td, client) in scenarios(8 << 20) {
         let lbs = td.dev.logical_block_size() as usize;
         let rule =
             td.dev.faults().add(FaultRule::short_transfers(OpSet::READ | OpSet::WRITE, 4096));
@@ -368,11 +286,11 @@ fn short_transfers_are_resubmitted_with_correct_data() {
             let kind = wmem.kind_name();
             wmem.copy_from_slice(0, &pattern(start, sectors, 8));
             let done = client
-                .io_sync(DmIoRequest::write(wmem), &[region(&td.dev, start, sectors)])
+                .io_sync(DmIoRequest::write(wmem), &[DmIoRegion::new(&td.dev, start, sectors)])
                 .unwrap();
             assert!(done.is_ok(), "{what}/{kind}: write {:?}", done.failures);
             let done = client
-                .io_sync(DmIoRequest::read(rmem), &[region(&td.dev, start, sectors)])
+                .io_sync(DmIoRequest::read(rmem), &[DmIoRegion::new(&td.dev, start, sectors)])
                 .unwrap();
             assert!(done.is_ok(), "{what}/{kind}: read {:?}", done.failures);
             let bytes = done.memory.unwrap().to_vec();
@@ -402,7 +320,7 @@ fn short_transfers_are_resubmitted_with_correct_data() {
 #[test]
 fn transient_errors_are_retried_not_reported() {
     for (backing, engine) in configs() {
-        for errno in [EAGAIN, EINTR, EBUSY] {
+        for errno in [libc::EAGAIN, libc::EINTR, libc::EBUSY] {
             let what = format!("{backing}/{engine:?}/errno {errno}");
             let td = TestDevice::new(backing, 8 << 20);
             let client = client(engine);
@@ -416,7 +334,8 @@ fn transient_errors_are_retried_not_reported() {
             let (r, bytes) = read_at(&client, &td.dev, 1024, 16);
             assert!(r.is_ok(), "{what}: read {:?}", r.failures);
             assert!(bytes == data, "{what}: read data");
-            let f = client.io_sync(DmIoRequest::flush(), &[region(&td.dev, 0, 0)]).unwrap();
+            let f =
+                client.io_sync(DmIoRequest::flush(), &[DmIoRegion::new(&td.dev, 0, 0)]).unwrap();
             assert!(f.is_ok(), "{what}: flush {:?}", f.failures);
             assert_eq!(td.dev.faults().fired(rule), 3, "{what}");
             assert_eq!(client.stats().retries, 3, "{what}: {:?}", client.stats());
@@ -431,10 +350,7 @@ fn transient_errors_are_retried_not_reported() {
 /// split discards and write-zeroes; no atomic unit refuses atomic writes.
 #[test]
 fn limit_overrides_change_support_and_splitting() {
-    for (backing, engine) in configs() {
-        let what = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, 8 << 20);
-        let client = client(engine);
+    for (what, td, client) in scenarios(8 << 20) {
         assert!(td.dev.supports_discard() && td.dev.supports_write_zeroes(), "{what}");
         let data = pattern(2048, 64, 10);
         assert!(write_at(&client, &td.dev, 2048, &data, ReqFlags::empty()).is_ok());
@@ -451,12 +367,14 @@ fn limit_overrides_change_support_and_splitting() {
             assert_eq!(td.dev.supports_discard(), op != DmIoOp::Discard, "{what}");
             assert_eq!(td.dev.supports_write_zeroes(), op != DmIoOp::WriteZeroes);
             faults.start_trace();
-            let done = client.io_sync(DmIoRequest::new(op), &[region(&td.dev, 2048, 64)]).unwrap();
+            let done = client
+                .io_sync(DmIoRequest::new(op), &[DmIoRegion::new(&td.dev, 2048, 64)])
+                .unwrap();
             assert!(faults.take_trace().is_empty(), "{what}: {op} issued I/O");
             assert_eq!(done.error_bits.bits(), 0b1, "{what}: {op}");
             assert_eq!(done.failures.len(), 1);
             assert!(done.failures[0].is_not_supported(), "{what}: {:?}", done.failures);
-            assert_eq!(done.failures[0].errno, Errno(EOPNOTSUPP));
+            assert_eq!(done.failures[0].errno, Errno(libc::EOPNOTSUPP));
             assert!(sectors_of(&td.read_back(), 2048, 64) == data, "{what}: {op} wrote");
         }
 
@@ -476,8 +394,10 @@ fn limit_overrides_change_support_and_splitting() {
             assert!(write_at(&client, &td.dev, 2048, &data, ReqFlags::empty()).is_ok());
             faults.override_limits(overrides);
             faults.start_trace();
-            let done = client.io_sync(DmIoRequest::new(op), &[region(&td.dev, 2048, 64)]).unwrap();
-            let ops = data_ops(&faults.take_trace(), op);
+            let done = client
+                .io_sync(DmIoRequest::new(op), &[DmIoRegion::new(&td.dev, 2048, 64)])
+                .unwrap();
+            let ops = ops_of(&faults.take_trace(), op);
             assert!(done.is_ok(), "{what}: {op}: {:?}", done.failures);
             let firsts: Vec<u64> = ops.iter().map(|t| t.sector).collect();
             let expected: Vec<u64> = (0..64 / per_op).map(|i| 2048 + i * per_op).collect();
@@ -497,7 +417,7 @@ fn limit_overrides_change_support_and_splitting() {
         });
         faults.start_trace();
         let req = DmIoRequest::write(AlignedBuf::new(4096)).with_flags(ReqFlags::ATOMIC);
-        let err = client.io_sync(req, &[region(&td.dev, 0, 8)]).unwrap_err();
+        let err = client.io_sync(req, &[DmIoRegion::new(&td.dev, 0, 8)]).unwrap_err();
         assert!(matches!(err, DmIoError::AtomicWrite { region: 0, .. }), "{what}: {err}");
         assert!(faults.take_trace().is_empty(), "{what}");
 
@@ -520,10 +440,7 @@ fn write_entry(sector: u64, data: &[u8], fua: bool) -> LogEntry {
 /// data, FUA on FUA writes; replaying everything gives the device's contents.
 #[test]
 fn write_log_records_every_kind_in_completion_order() {
-    for (backing, engine) in configs() {
-        let what = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, 8 << 20);
-        let client = client(engine);
+    for (what, td, client) in scenarios(8 << 20) {
         // Old data under the discard and write-zeroes, so that zeroing shows.
         assert!(write_at(&client, &td.dev, 1040, &pattern(1040, 24, 11), ReqFlags::FUA).is_ok());
         let base = td.read_back();
@@ -538,23 +455,23 @@ fn write_log_records_every_kind_in_completion_order() {
             let done = client.io_sync(req, regions).unwrap();
             assert!(done.is_ok(), "{what}: {:?}", done.failures);
         };
-        sync(DmIoRequest::write(AlignedBuf::from_slice(&a)), &[region(dev, 1024, 8)]);
+        sync(DmIoRequest::write(AlignedBuf::from_slice(&a)), &[DmIoRegion::new(dev, 1024, 8)]);
         sync(
             DmIoRequest::write(AlignedBuf::from_slice(&b)).with_flags(ReqFlags::FUA),
-            &[region(dev, 1032, 8)],
+            &[DmIoRegion::new(dev, 1032, 8)],
         );
         // Two regions on one device: one flush.
-        sync(DmIoRequest::flush(), &[region(dev, 0, 0), region(dev, 64, 0)]);
-        sync(DmIoRequest::discard(), &[region(dev, 1040, 16)]);
-        sync(DmIoRequest::write_zeroes(), &[region(dev, 1056, 8)]);
+        sync(DmIoRequest::flush(), &[DmIoRegion::new(dev, 0, 0), DmIoRegion::new(dev, 64, 0)]);
+        sync(DmIoRequest::discard(), &[DmIoRegion::new(dev, 1040, 16)]);
+        sync(DmIoRequest::write_zeroes(), &[DmIoRegion::new(dev, 1056, 8)]);
         sync(
             DmIoRequest::write(AlignedBuf::from_slice(&c)).with_flags(ReqFlags::PREFLUSH),
-            &[region(dev, 1064, 8)],
+            &[DmIoRegion::new(dev, 1064, 8)],
         );
         sync(
             DmIoRequest::write(AlignedBuf::from_slice(&d))
                 .with_flags(ReqFlags::PREFLUSH | ReqFlags::FUA),
-            &[region(dev, 1072, 8)],
+            &[DmIoRegion::new(dev, 1072, 8)],
         );
         let log = td.dev.faults().take_write_log();
         let expected = vec![
@@ -587,25 +504,24 @@ fn write_log_records_every_kind_in_completion_order() {
 /// discards and flushes: replaying the whole log gives the device's contents.
 #[test]
 fn write_log_everything_replay_equals_the_device() {
-    for (backing, engine) in configs() {
-        let what = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, 4 << 20);
-        let client = client_with(engine, DmIoConfig { max_op_bytes: 8192, ..Default::default() });
+    let small_ops =
+        |e| client_with_config(e, DmIoConfig { max_op_bytes: 8192, ..Default::default() });
+    for (what, td, client) in scenarios_with(4 << 20, small_ops) {
         let base = td.read_back();
         td.dev.faults().start_write_log();
-        let mut rng = 0x1234_5678u64;
+        let mut rng = Rng(0x1234_5678);
         // Three rounds; within a round every request touches its own blocks, so
         // completion order and device order agree; later rounds overwrite.
         for round in 0..3u64 {
             let (tx, rx) = mpsc::channel();
             let mut n = 0;
             for slot in 0..24u64 {
-                let kind = splitmix(&mut rng) % 10;
-                let sector = slot * 256 + (splitmix(&mut rng) % 16) * 8;
-                let count = 8 * (1 + splitmix(&mut rng) % 8);
+                let kind = rng.below(10);
+                let sector = slot * 256 + rng.below(16) * 8;
+                let count = 8 * (1 + rng.below(8));
                 let tx = tx.clone();
                 let notify = move |done: DmIoCompletion| tx.send(done.error_bits).unwrap();
-                let regions = [region(&td.dev, sector, count)];
+                let regions = [DmIoRegion::new(&td.dev, sector, count)];
                 let req = match kind {
                     0 => DmIoRequest::discard(),
                     1 => DmIoRequest::write_zeroes(),
@@ -613,7 +529,7 @@ fn write_log_everything_replay_equals_the_device() {
                     _ => {
                         let data = pattern(sector, count, 20 + round);
                         let flags = [ReqFlags::empty(), ReqFlags::FUA, ReqFlags::PREFLUSH]
-                            [(splitmix(&mut rng) % 3) as usize];
+                            [rng.below(3) as usize];
                         DmIoRequest::write(AlignedBuf::from_slice(&data)).with_flags(flags)
                     }
                 };
@@ -649,7 +565,7 @@ fn durability_sequence(client: &DmIoClient, dev: &Arc<BlockDevice>) -> Vec<Vec<u
     let mut datas = Vec::new();
     for (i, &(sector, flags)) in DURABLE_SEQ.iter().enumerate() {
         if i == 3 {
-            let done = client.io_sync(DmIoRequest::flush(), &[region(dev, 0, 0)]).unwrap();
+            let done = client.io_sync(DmIoRequest::flush(), &[DmIoRegion::new(dev, 0, 0)]).unwrap();
             assert!(done.is_ok());
         }
         let data = pattern(sector, 8, 30 + i as u64);
@@ -678,10 +594,7 @@ fn visible(image: &[u8], datas: &[Vec<u8>]) -> [Option<usize>; 5] {
 /// at every prefix, and nothing else.
 #[test]
 fn durable_only_keeps_fua_writes_and_flushed_writes() {
-    for (backing, engine) in configs() {
-        let what = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, 1 << 20);
-        let client = client(engine);
+    for (what, td, client) in scenarios(1 << 20) {
         td.dev.faults().start_write_log();
         let datas = durability_sequence(&client, &td.dev);
         let log = td.dev.faults().take_write_log();
@@ -716,10 +629,7 @@ fn durable_only_keeps_fua_writes_and_flushed_writes() {
 /// give different images.
 #[test]
 fn crash_replay_is_deterministic_and_keeps_durable_writes() {
-    for (backing, engine) in configs() {
-        let what = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, 1 << 20);
-        let client = client(engine);
+    for (what, td, client) in scenarios(1 << 20) {
         td.dev.faults().start_write_log();
         let datas = durability_sequence(&client, &td.dev);
         // Twelve more unflushed writes to fresh blocks so that seeds differ visibly.
@@ -791,11 +701,8 @@ struct PlWrite {
 /// completed before it was submitted (the writes its preflush made durable).
 #[test]
 fn power_loss_at_every_log_prefix_respects_preflush_and_fua() {
-    for (backing, engine) in configs() {
-        let what = format!("{backing}/{engine:?}");
-        let size = 1u64 << 20;
-        let td = TestDevice::new(backing, size);
-        let client = client(engine);
+    let size = 1u64 << 20;
+    for (what, td, client) in scenarios(size) {
         let completed = Arc::new(Mutex::new(Vec::<usize>::new()));
         let errors = Arc::new(Mutex::new(Vec::<String>::new()));
         let in_flight = Arc::new(AtomicUsize::new(0));
@@ -814,16 +721,16 @@ fn power_loss_at_every_log_prefix_respects_preflush_and_fua() {
             })
         };
         td.dev.faults().start_write_log();
-        let mut rng = 0xfeed_beefu64;
+        let mut rng = Rng(0xfeed_beef);
         let mut writes: Vec<PlWrite> = Vec::new();
         for i in 0..160usize {
             while in_flight.load(Ordering::SeqCst) >= 12 {
                 std::thread::yield_now();
             }
             in_flight.fetch_add(1, Ordering::SeqCst);
-            if splitmix(&mut rng).is_multiple_of(12) {
+            if rng.next_u64().is_multiple_of(12) {
                 let req = DmIoRequest::flush().with_notify(Notify::shared(&handler, usize::MAX));
-                client.submit(req, &[region(&td.dev, 0, 0)]).unwrap();
+                client.submit(req, &[DmIoRegion::new(&td.dev, 0, 0)]).unwrap();
                 continue;
             }
             let sector = 8 * i as u64; // distinct 4 KiB blocks
@@ -833,7 +740,7 @@ fn power_loss_at_every_log_prefix_respects_preflush_and_fua() {
                 ReqFlags::PREFLUSH,
                 ReqFlags::FUA,
                 ReqFlags::PREFLUSH | ReqFlags::FUA,
-            ][(splitmix(&mut rng) % 5) as usize];
+            ][rng.below(5) as usize];
             let data = pattern(sector, 8, 100 + i as u64);
             let completed_before = completed.lock().unwrap().clone();
             let id = writes.len();
@@ -841,13 +748,13 @@ fn power_loss_at_every_log_prefix_respects_preflush_and_fua() {
             let req = DmIoRequest::write(AlignedBuf::from_slice(&data))
                 .with_flags(flags)
                 .with_notify(Notify::shared(&handler, id));
-            client.submit(req, &[region(&td.dev, sector, 8)]).unwrap();
+            client.submit(req, &[DmIoRegion::new(&td.dev, sector, 8)]).unwrap();
         }
         // A final flush makes everything durable.
         while in_flight.load(Ordering::SeqCst) > 0 {
             std::thread::yield_now();
         }
-        let done = client.io_sync(DmIoRequest::flush(), &[region(&td.dev, 0, 0)]).unwrap();
+        let done = client.io_sync(DmIoRequest::flush(), &[DmIoRegion::new(&td.dev, 0, 0)]).unwrap();
         assert!(done.is_ok());
         assert!(errors.lock().unwrap().is_empty(), "{what}: {:?}", errors.lock().unwrap());
         let log = td.dev.faults().take_write_log();
@@ -924,13 +831,4 @@ fn power_loss_at_every_log_prefix_respects_preflush_and_fua() {
         // After the final flush everything is durable and matches the device.
         assert!(image == td.read_back(), "{what}: full DurableOnly image differs from the device");
     }
-}
-
-/// splitmix64: a small deterministic generator for workloads.
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }

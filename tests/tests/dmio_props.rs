@@ -20,32 +20,16 @@ use std::sync::Arc;
 
 use dmio::fault::{FaultAction, FaultRule, OpSet, TracedOp, Trigger};
 use dmio::{
-    AlignedBuf, BioVec, BlockDevice, Bvec, DmIoClient, DmIoConfig, DmIoMemory, DmIoOp, DmIoRegion,
-    DmIoRequest, EngineChoice, Errno, PAGE_SIZE, Page, PageList, PagePool, ReqFlags,
+    AlignedBuf, BioVec, BlockDevice, Bvec, DmIoMemory, DmIoOp, DmIoRegion, DmIoRequest,
+    EngineChoice, Errno, PAGE_SIZE, Page, PageList, PagePool, ReqFlags,
 };
 use proptest::prelude::*;
-use tests::{Backing, TestDevice, fill_pattern};
-
-// Linux errno values (asm-generic).
-const EINTR: i32 = 4;
-const EIO: i32 = 5;
-const EAGAIN: i32 = 11;
-const EBUSY: i32 = 16;
-const ENOSPC: i32 = 28;
-const ENODATA: i32 = 61;
-const EILSEQ: i32 = 84;
-const EREMOTEIO: i32 = 121;
+use tests::{Backing, TestDevice, client_with, fill_pattern, ops_of};
 
 const DEVICE_BYTES: u64 = 4 << 20;
 
 fn engine(sync: bool) -> EngineChoice {
     if sync { EngineChoice::Sync } else { EngineChoice::Uring }
-}
-
-fn make_client(sync: bool, max_op_bytes: u64, iovecs_per_op: usize) -> DmIoClient {
-    let config =
-        DmIoConfig { engine: engine(sync), max_op_bytes, iovecs_per_op, ..Default::default() };
-    DmIoClient::with_config(config).unwrap_or_else(|e| panic!("creating a client: {e}"))
 }
 
 /// The unit of memory offsets and lengths: the device's logical block size or
@@ -152,9 +136,7 @@ fn check_tiling(
     max_iov: usize,
     segs: &[(usize, usize)],
 ) -> Result<(), TestCaseError> {
-    let mut ops: Vec<&TracedOp> =
-        trace.iter().filter(|t| t.op == op && t.region == index).collect();
-    ops.sort_by_key(|t| t.sector);
+    let ops: Vec<TracedOp> = ops_of(trace, op).into_iter().filter(|t| t.region == index).collect();
     let mut next = region.sector;
     for t in &ops {
         prop_assert_eq!(t.sector, next, "region {} not tiled: {:?}", index, ops);
@@ -225,9 +207,9 @@ fn run_split(case: &SplitCase) -> Result<(), TestCaseError> {
     let td = TestDevice::new(Backing::File, DEVICE_BYTES);
     let dev = &td.dev;
     let unit = mem_unit(dev);
-    let lbs_sectors = u64::from(dev.logical_block_size()) / 512;
+    let lbs_sectors = td.block_sectors();
     let cap = case.max_op_pages * 4096;
-    let client = make_client(case.sync, cap, case.iovecs);
+    let client = client_with(engine(case.sync), cap, case.iovecs);
     let pool = client.page_pool();
     let slot_sectors = DEVICE_BYTES / 512 / 4;
     let regions: Vec<DmIoRegion> = case
@@ -283,7 +265,7 @@ fn run_split(case: &SplitCase) -> Result<(), TestCaseError> {
 // (b) Error bits
 // ---------------------------------------------------------------------------
 
-const ERRNOS: [i32; 5] = [EIO, ENOSPC, ENODATA, EILSEQ, EREMOTEIO];
+const ERRNOS: [i32; 5] = [libc::EIO, libc::ENOSPC, libc::ENODATA, libc::EILSEQ, libc::EREMOTEIO];
 /// Each device fails writes in [FAIL_ZONE, FAIL_ZONE + 64 * SLOT).
 const FAIL_ZONE: u64 = 4096;
 const SLOT: u64 = 64;
@@ -316,16 +298,13 @@ fn bits_case() -> impl Strategy<Value = BitsCase> {
 }
 
 fn run_bits(case: &BitsCase) -> Result<(), TestCaseError> {
-    let tds = [
-        TestDevice::new(Backing::File, DEVICE_BYTES),
-        TestDevice::new(Backing::File, DEVICE_BYTES),
-    ];
+    let tds = TestDevice::many(Backing::File, DEVICE_BYTES, 2);
     let devs: Vec<Arc<BlockDevice>> = tds.iter().map(|t| t.dev.clone()).collect();
     for (dev, errno) in devs.iter().zip(case.errnos) {
         dev.faults().add(FaultRule::fail(OpSet::WRITE, FAIL_ZONE..FAIL_ZONE + 64 * SLOT, errno));
     }
     let cap = case.max_op_pages * 4096;
-    let client = make_client(case.sync, cap, 256);
+    let client = client_with(engine(case.sync), cap, 256);
     // Region i sits in slot i of its zone (good: sectors 0.., failing: FAIL_ZONE..).
     let regions: Vec<DmIoRegion> = case
         .regions
@@ -386,7 +365,7 @@ fn run_bits(case: &BitsCase) -> Result<(), TestCaseError> {
 // (c) Short transfers and transient errors
 // ---------------------------------------------------------------------------
 
-const TRANSIENT: [i32; 3] = [EAGAIN, EINTR, EBUSY];
+const TRANSIENT: [i32; 3] = [libc::EAGAIN, libc::EINTR, libc::EBUSY];
 
 #[derive(Debug, Clone)]
 struct ShortCase {
@@ -445,7 +424,7 @@ fn run_short(case: &ShortCase) -> Result<(), TestCaseError> {
     let dev = &td.dev;
     let unit = mem_unit(dev);
     let lbs = u64::from(dev.logical_block_size());
-    let client = make_client(case.sync, case.max_op_pages * 4096, 256);
+    let client = client_with(engine(case.sync), case.max_op_pages * 4096, 256);
     let pool = client.page_pool();
     let short =
         FaultRule::short_transfers(OpSet::READ | OpSet::WRITE, case.cut).when(case.short_trigger);

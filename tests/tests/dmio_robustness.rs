@@ -10,17 +10,13 @@ use std::time::{Duration, Instant};
 
 use dmio::fault::{FaultRule, OpSet};
 use dmio::{
-    AlignedBuf, DmIoClient, DmIoConfig, DmIoRegion, DmIoRequest, EngineChoice, ReqFlags,
-    VirtualArea,
+    AlignedBuf, BlockDevice, DmIoClient, DmIoConfig, DmIoRegion, DmIoRequest, EngineChoice,
+    ReqFlags, VirtualArea,
 };
-use tests::{Backing, ENGINES, TestDevice, backings, check_pattern, client, pattern};
-
-fn write_pattern(client: &DmIoClient, td: &TestDevice, sector: u64, sectors: u64, seed: u64) {
-    let data = AlignedBuf::from_slice(&pattern(sector, sectors, seed));
-    let done =
-        client.io_sync(DmIoRequest::write(data), &[DmIoRegion::new(&td.dev, sector, sectors)]);
-    assert!(done.unwrap().is_ok());
-}
+use tests::{
+    Backing, ENGINES, TestDevice, backings, check_pattern, client, client_with_config, read_region,
+    write_pattern,
+};
 
 #[test]
 fn a_panicking_callback_is_caught_counted_and_the_client_goes_on() {
@@ -30,11 +26,8 @@ fn a_panicking_callback_is_caught_counted_and_the_client_goes_on() {
         let req =
             DmIoRequest::read(AlignedBuf::new(4096)).on_complete(|_| panic!("a buggy callback"));
         client.submit(req, &[DmIoRegion::new(&td.dev, 0, 8)]).unwrap();
-        write_pattern(&client, &td, 8, 8, 1);
-        let done = client
-            .io_sync(DmIoRequest::read(AlignedBuf::new(4096)), &[DmIoRegion::new(&td.dev, 8, 8)])
-            .unwrap();
-        check_pattern(&done.into_result().unwrap().unwrap().to_vec(), 8, 1).unwrap();
+        write_pattern(&client, &td.dev, 8, 8, 1);
+        check_pattern(&read_region(&client, &td.dev, 8, 8), 8, 1).unwrap();
         assert_eq!(client.stats().callback_panics, 1, "{engine:?}");
     }
 }
@@ -66,7 +59,7 @@ fn a_panicking_waker_does_not_stop_the_completion_thread() {
         td.dev.faults().clear_rules();
         // The completion calls the panicking waker; the client must survive it.
         std::thread::sleep(Duration::from_millis(50));
-        write_pattern(&client, &td, 16, 8, 2);
+        write_pattern(&client, &td.dev, 16, 8, 2);
         assert_eq!(client.stats().callback_panics, 1, "{engine:?}");
         // The future still holds its completion.
         let noop = Waker::noop();
@@ -82,7 +75,7 @@ fn a_file_that_shrinks_under_a_read_fails_it_instead_of_spinning() {
     for engine in ENGINES {
         let td = TestDevice::new(Backing::File, 1 << 20);
         let client = client(engine);
-        write_pattern(&client, &td, 0, 2048, 3);
+        write_pattern(&client, &td.dev, 0, 2048, 3);
         // Cut the file in the middle of its last block, behind dmio's back.
         let len = (1 << 20) - 100;
         std::fs::OpenOptions::new().write(true).open(td.image()).unwrap().set_len(len).unwrap();
@@ -105,9 +98,8 @@ fn a_file_that_shrinks_under_a_read_fails_it_instead_of_spinning() {
 fn a_small_request_is_not_starved_by_a_large_one() {
     for engine in ENGINES {
         let td = TestDevice::new(Backing::File, 4 << 20);
-        let config =
-            DmIoConfig { engine, ring_entries: 8, max_op_bytes: 4096, ..Default::default() };
-        let client = DmIoClient::with_config(config).unwrap();
+        let config = DmIoConfig { ring_entries: 8, max_op_bytes: 4096, ..Default::default() };
+        let client = client_with_config(engine, config);
         td.dev.faults().add(FaultRule::delay(OpSet::READ | OpSet::WRITE, Duration::from_millis(1)));
         let order = Arc::new(Mutex::new(Vec::new()));
         let (o1, o2) = (order.clone(), order.clone());
@@ -128,6 +120,23 @@ fn a_small_request_is_not_starved_by_a_large_one() {
     }
 }
 
+/// Submits `n` 4 KiB reads of `dev`, at sectors 0, 8, 16 and so on, each of
+/// which counts its completion in `done`.
+fn submit_counted_reads(
+    client: &DmIoClient,
+    dev: &Arc<BlockDevice>,
+    n: u64,
+    done: &Arc<AtomicUsize>,
+) {
+    for i in 0..n {
+        let d = done.clone();
+        let req = DmIoRequest::read(AlignedBuf::new(4096)).on_complete(move |_| {
+            d.fetch_add(1, Ordering::SeqCst);
+        });
+        client.submit(req, &[DmIoRegion::new(dev, i * 8, 8)]).unwrap();
+    }
+}
+
 #[test]
 fn concurrent_closes_both_wait_for_in_flight_io() {
     for engine in ENGINES {
@@ -135,13 +144,7 @@ fn concurrent_closes_both_wait_for_in_flight_io() {
         td.dev.faults().add(FaultRule::delay(OpSet::READ, Duration::from_millis(30)));
         let client = Arc::new(client(engine));
         let done = Arc::new(AtomicUsize::new(0));
-        for i in 0..4 {
-            let d = done.clone();
-            let req = DmIoRequest::read(AlignedBuf::new(4096)).on_complete(move |_| {
-                d.fetch_add(1, Ordering::SeqCst);
-            });
-            client.submit(req, &[DmIoRegion::new(&td.dev, i * 8, 8)]).unwrap();
-        }
+        submit_counted_reads(&client, &td.dev, 4, &done);
         let closers: Vec<_> = (0..2)
             .map(|_| {
                 let (c, d) = (client.clone(), done.clone());
@@ -168,13 +171,7 @@ fn batched_waits_do_not_hold_a_fast_completion_behind_slow_ones() {
     slow.dev.faults().add(FaultRule::delay(OpSet::READ, Duration::from_millis(400)));
     let client = client(EngineChoice::Uring);
     let slow_done = Arc::new(AtomicUsize::new(0));
-    for i in 0..31 {
-        let d = slow_done.clone();
-        let req = DmIoRequest::read(AlignedBuf::new(4096)).on_complete(move |_| {
-            d.fetch_add(1, Ordering::SeqCst);
-        });
-        client.submit(req, &[DmIoRegion::new(&slow.dev, i * 8, 8)]).unwrap();
-    }
+    submit_counted_reads(&client, &slow.dev, 31, &slow_done);
     let started = Instant::now();
     let done = client
         .io_sync(DmIoRequest::read(AlignedBuf::new(4096)), &[DmIoRegion::new(&fast.dev, 0, 8)])

@@ -2,7 +2,7 @@
 //! memory type.
 
 use dmio::{AlignedBuf, BioVec, Bvec, DmIoMemory, DmIoRegion, DmIoRequest, PageList, VirtualArea};
-use tests::{ENGINES, TestDevice, backings, check_pattern, client, pattern};
+use tests::{check_pattern, pattern, scenarios, sectors_of};
 
 fn memories(bytes: &[u8], pool: &dmio::PagePool) -> Vec<DmIoMemory> {
     let len = bytes.len();
@@ -22,35 +22,25 @@ fn memories(bytes: &[u8], pool: &dmio::PagePool) -> Vec<DmIoMemory> {
 
 #[test]
 fn write_read_verify_every_backing_engine_and_memory() {
-    for backing in backings() {
-        for engine in ENGINES {
-            let td = TestDevice::new(backing, 8 << 20);
-            let client = client(engine);
-            let sectors = 256u64; // 128 KiB
-            for (i, mem) in
-                memories(&pattern(0, sectors, 7), client.page_pool()).into_iter().enumerate()
-            {
-                let start = 1024 + i as u64 * 512;
-                let region = DmIoRegion::new(&td.dev, start, sectors);
-                let mut mem = mem;
-                mem.copy_from_slice(0, &pattern(start, sectors, 7));
-                let kind = mem.kind_name();
-                let done =
-                    client.io_sync(DmIoRequest::write(mem), std::slice::from_ref(&region)).unwrap();
-                assert!(
-                    done.is_ok(),
-                    "{backing}/{engine:?}/{kind}: write failed: {:?}",
-                    done.failures
-                );
-                let back =
-                    DmIoMemory::PageList(PageList::new(client.page_pool().alloc_list(32).pages));
-                let done = client.io_sync(DmIoRequest::read(back), &[region]).unwrap();
-                let bytes = done.into_result().unwrap().unwrap().to_vec();
-                check_pattern(&bytes, start, 7)
-                    .unwrap_or_else(|e| panic!("{backing}/{engine:?}/{kind}: {e}"));
-            }
-            let image = td.read_back();
-            check_pattern(&image[1024 * 512..(1024 + 256) * 512], 1024, 7).unwrap();
+    for (at, td, client) in scenarios(8 << 20) {
+        let sectors = 256u64; // 128 KiB
+        for (i, mem) in
+            memories(&pattern(0, sectors, 7), client.page_pool()).into_iter().enumerate()
+        {
+            let start = 1024 + i as u64 * 512;
+            let region = DmIoRegion::new(&td.dev, start, sectors);
+            let mut mem = mem;
+            mem.copy_from_slice(0, &pattern(start, sectors, 7));
+            let kind = mem.kind_name();
+            let done =
+                client.io_sync(DmIoRequest::write(mem), std::slice::from_ref(&region)).unwrap();
+            assert!(done.is_ok(), "{at}/{kind}: write failed: {:?}", done.failures);
+            let back = DmIoMemory::PageList(PageList::new(client.page_pool().alloc_list(32).pages));
+            let done = client.io_sync(DmIoRequest::read(back), &[region]).unwrap();
+            let bytes = done.into_result().unwrap().unwrap().to_vec();
+            check_pattern(&bytes, start, 7).unwrap_or_else(|e| panic!("{at}/{kind}: {e}"));
         }
+        let image = td.read_back();
+        check_pattern(sectors_of(&image, 1024, 256), 1024, 7).unwrap();
     }
 }

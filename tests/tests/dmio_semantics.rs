@@ -30,40 +30,17 @@ use dmio::fault::{
     FaultAction, FaultRule, LimitOverrides, LogEntry, OpSet, Replay, TracedOp, Trigger,
 };
 use dmio::{
-    AlignedBuf, BioVec, BlockDevice, Bvec, DmIoClient, DmIoCompletion, DmIoConfig, DmIoError,
-    DmIoMemory, DmIoOp, DmIoRegion, DmIoRequest, EngineChoice, ErrorBits, IoPriority,
-    IoPriorityClass, MAX_REGIONS, Notify, NotifyHandler, PAGE_SIZE, Page, PageList, ReqFlags,
+    AlignedBuf, BioVec, BlockDevice, Bvec, DmIoClient, DmIoCompletion, DmIoError, DmIoMemory,
+    DmIoOp, DmIoRegion, DmIoRequest, ErrorBits, IoPriority, IoPriorityClass, MAX_REGIONS, Notify,
+    NotifyHandler, PAGE_SIZE, Page, PageList, ReqFlags,
 };
-use tests::{Backing, ENGINES, TestDevice, backings, check_pattern, pattern};
+use tests::{
+    ENGINES, Rng, TestDevice, backings, check_pattern, client, client_with, configs, label, ops_of,
+    pattern, read_region, scenarios, scenarios_with, sectors_of, write_pattern,
+};
 
 /// The size of every test device: small, so that the whole file runs in seconds.
 const DEV_SIZE: u64 = 8 << 20;
-
-/// Every (backing, engine) pair.
-fn cases() -> Vec<(Backing, EngineChoice)> {
-    backings().into_iter().flat_map(|b| ENGINES.into_iter().map(move |e| (b, e))).collect()
-}
-
-/// A client with `engine`, an op cap of `max_op_bytes` and `iovecs_per_op` iovecs per op.
-fn client_with(engine: EngineChoice, max_op_bytes: u64, iovecs_per_op: usize) -> DmIoClient {
-    DmIoClient::with_config(DmIoConfig {
-        engine,
-        max_op_bytes,
-        iovecs_per_op,
-        ..Default::default()
-    })
-    .unwrap_or_else(|e| panic!("creating a {engine:?} client: {e}"))
-}
-
-/// A client with `engine` and the default configuration.
-fn client(engine: EngineChoice) -> DmIoClient {
-    tests::client(engine)
-}
-
-/// `n` test devices of `backing`.
-fn devices(backing: Backing, n: usize) -> Vec<TestDevice> {
-    (0..n).map(|_| TestDevice::new(backing, DEV_SIZE)).collect()
-}
 
 /// Opens the device node (or image file) with `O_DIRECT`, bypassing dmio.
 fn open_direct(dev: &BlockDevice) -> File {
@@ -92,31 +69,6 @@ fn disk(dev: &BlockDevice, sector: u64, sectors: u64) -> Vec<u8> {
     pread_direct(&open_direct(dev), sector, sectors).expect("reading the device for a check")
 }
 
-/// Writes the pattern of `seed` to `sectors` sectors at `sector`, blocking.
-fn write_pattern(
-    client: &DmIoClient,
-    dev: &Arc<BlockDevice>,
-    sector: u64,
-    sectors: u64,
-    seed: u64,
-) {
-    let data = AlignedBuf::from_slice(&pattern(sector, sectors, seed));
-    let done = client
-        .io_sync(DmIoRequest::write(data), &[DmIoRegion::new(dev, sector, sectors)])
-        .expect("a valid write");
-    assert!(done.is_ok(), "writing the pattern failed: {:?}", done.failures);
-}
-
-/// Reads `sectors` sectors at `sector` through dmio, blocking.
-fn read_region(client: &DmIoClient, dev: &Arc<BlockDevice>, sector: u64, sectors: u64) -> Vec<u8> {
-    let buf = AlignedBuf::new((sectors * 512) as usize);
-    let done = client
-        .io_sync(DmIoRequest::read(buf), &[DmIoRegion::new(dev, sector, sectors)])
-        .expect("a valid read");
-    assert!(done.is_ok(), "reading failed: {:?}", done.failures);
-    done.memory.expect("the memory is handed back").to_vec()
-}
-
 /// Asserts that `ops`, all of operation `op` and region `region`, cover
 /// `sector..sector + sectors` exactly (no gap, no overlap, nothing outside), each
 /// at most `max_sectors` long. Returns the number of ops.
@@ -129,9 +81,8 @@ fn assert_covers(
     max_sectors: u64,
     at: &str,
 ) -> usize {
-    let mut mine: Vec<&TracedOp> = ops.iter().filter(|o| o.op == op).collect();
+    let mine = ops_of(ops, op);
     assert!(!mine.is_empty(), "{at}: no {op} op traced");
-    mine.sort_by_key(|o| o.sector);
     let mut next = sector;
     for o in &mine {
         assert_eq!(o.region, region, "{at}: op {o:?} names the wrong region");
@@ -149,22 +100,6 @@ fn assert_covers(
 
 /// A name and a way to build a request of that kind.
 type NamedRequest = (&'static str, fn() -> DmIoRequest);
-
-/// A small deterministic generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// `n` pages sorted by descending address, so that no two consecutive pages are
 /// ever merged into one iovec: the memory is truly scattered.
@@ -207,7 +142,7 @@ fn io2_exactly_one_callback_per_request() {
     const REQUESTS: usize = 120;
     const AREA: u64 = 64; // sectors per request and device
     for backing in backings() {
-        let tds = devices(backing, 3);
+        let tds = TestDevice::many(backing, DEV_SIZE, 3);
         for td in &tds {
             td.dev.faults().add(
                 FaultRule::delay(OpSet::all(), Duration::from_micros(700))
@@ -218,7 +153,7 @@ fn io2_exactly_one_callback_per_request() {
             );
         }
         for (e, engine) in ENGINES.into_iter().enumerate() {
-            let at = format!("{backing}/{engine:?}");
+            let at = label(backing, engine);
             let client = client(engine);
             let mut rng = Rng(0x1234_5678 + e as u64);
             // The plan: for each request, its regions as (device, count) and flags.
@@ -320,10 +255,7 @@ fn io2_exactly_one_callback_per_request() {
 /// regions 0 and 2 are written.
 #[test]
 fn io3_io_sync_returns_error_bits() {
-    for (backing, engine) in cases() {
-        let at = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, DEV_SIZE);
-        let client = client(engine);
+    for (at, td, client) in scenarios(DEV_SIZE) {
         let starts = [0u64, 1024, 2048];
         td.dev.faults().add(FaultRule::fail(OpSet::WRITE, 1024..1088, libc::ENOSPC));
         let data = AlignedBuf::from_slice(&pattern(0, 64, 3));
@@ -365,9 +297,9 @@ fn io3_io_sync_returns_error_bits() {
 #[test]
 fn io4_fan_out_write_with_a_prefix() {
     for backing in backings() {
-        let tds = devices(backing, 3);
+        let tds = TestDevice::many(backing, DEV_SIZE, 3);
         for (e, engine) in ENGINES.into_iter().enumerate() {
-            let at = format!("{backing}/{engine:?}");
+            let at = label(backing, engine);
             let client = client(engine);
             let seed_old = 40 + e as u64;
             let seed_new = 50 + e as u64;
@@ -406,10 +338,7 @@ fn io4_fan_out_write_with_a_prefix() {
 /// callback is never called (as in current kernels); a read of one region works.
 #[test]
 fn io5_read_names_exactly_one_region() {
-    for (backing, engine) in cases() {
-        let at = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, DEV_SIZE);
-        let client = client(engine);
+    for (at, td, client) in scenarios(DEV_SIZE) {
         let regions = [DmIoRegion::new(&td.dev, 0, 8), DmIoRegion::new(&td.dev, 64, 8)];
         td.dev.faults().start_trace();
         let (tx, rx) = std::sync::mpsc::channel::<DmIoCompletion>();
@@ -449,10 +378,7 @@ fn io5_read_names_exactly_one_region() {
 /// 64 regions work and bit 63 reports region 63.
 #[test]
 fn io6_at_most_64_regions() {
-    for (backing, engine) in cases() {
-        let at = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, DEV_SIZE);
-        let client = client(engine);
+    for (at, td, client) in scenarios(DEV_SIZE) {
         let regions: Vec<DmIoRegion> =
             (0..65).map(|i| DmIoRegion::new(&td.dev, i * 64, 8)).collect();
         td.dev.faults().start_trace();
@@ -482,9 +408,9 @@ fn io6_at_most_64_regions() {
 #[test]
 fn io7_zero_count_regions_are_skipped_unless_flushing() {
     for backing in backings() {
-        let tds = devices(backing, 3);
+        let tds = TestDevice::many(backing, DEV_SIZE, 3);
         for (e, engine) in ENGINES.into_iter().enumerate() {
-            let at = format!("{backing}/{engine:?}");
+            let at = label(backing, engine);
             let client = client(engine);
             let seed = 70 + e as u64;
             let skipped = &tds[1].dev;
@@ -554,9 +480,9 @@ fn io7_zero_count_regions_are_skipped_unless_flushing() {
 #[test]
 fn io8_empty_flush_once_per_device() {
     for backing in backings() {
-        let tds = devices(backing, 3);
+        let tds = TestDevice::many(backing, DEV_SIZE, 3);
         for engine in ENGINES {
-            let at = format!("{backing}/{engine:?}");
+            let at = label(backing, engine);
             let client = client(engine);
             // Device 0 is named twice: it is still flushed once.
             let regions = [
@@ -606,93 +532,87 @@ fn io8_empty_flush_once_per_device() {
 /// and traced with `fua`; power-loss replay keeps exactly what is durable.
 #[test]
 fn io9_preflush_before_data_and_fua() {
-    for backing in backings() {
-        for engine in ENGINES {
-            let at = format!("{backing}/{engine:?}");
-            let tds = devices(backing, 2);
-            let (a, b) = (&tds[0].dev, &tds[1].dev);
-            let client = client(engine);
-            for dev in [a, b] {
-                dev.faults().start_write_log();
-                dev.faults().start_trace();
-            }
-            // W1: a plain write; W2: PREFLUSH to both devices; W3: FUA.
-            write_pattern(&client, a, 0, 64, 1);
-            let req = DmIoRequest::write(AlignedBuf::from_slice(&pattern(1024, 64, 2)))
-                .with_flags(ReqFlags::PREFLUSH);
-            let done = client
-                .io_sync(req, &[DmIoRegion::new(a, 1024, 64), DmIoRegion::new(b, 1024, 64)])
-                .expect("valid");
-            assert!(done.is_ok(), "{at}: {:?}", done.failures);
-            let req = DmIoRequest::write(AlignedBuf::from_slice(&pattern(2048, 64, 3)))
-                .with_flags(ReqFlags::FUA);
-            let done = client.io_sync(req, &[DmIoRegion::new(a, 2048, 64)]).expect("valid");
-            assert!(done.is_ok(), "{at}: {:?}", done.failures);
-
-            let log = a.faults().take_write_log();
-            let entries = log.entries();
-            assert_eq!(entries.len(), 4, "{at}: {entries:#?}");
-            assert!(
-                matches!(
-                    &entries[0],
-                    LogEntry::Write { sector: 0, fua: false, dropped: false, .. }
-                ),
-                "{at}: {:?}",
-                entries[0]
-            );
-            assert_eq!(entries[1], LogEntry::Flush { issued_at: 1 }, "{at}: the preflush");
-            match &entries[2] {
-                LogEntry::Write { sector: 1024, data, fua: false, dropped: false } => {
-                    assert_eq!(data, &pattern(1024, 64, 2), "{at}")
-                }
-                other => panic!("{at}: expected the PREFLUSH data, got {other:?}"),
-            }
-            assert!(
-                matches!(&entries[3], LogEntry::Write { sector: 2048, fua: true, .. }),
-                "{at}: the FUA write: {:?}",
-                entries[3]
-            );
-            // Device b: its own preflush, then the data.
-            let log_b = b.faults().take_write_log();
-            assert_eq!(log_b.len(), 2, "{at}: {:?}", log_b.entries());
-            assert_eq!(log_b.entries()[0], LogEntry::Flush { issued_at: 0 }, "{at}");
-            assert!(matches!(log_b.entries()[1], LogEntry::Write { sector: 1024, .. }), "{at}");
-            // The trace agrees, and marks only the FUA write.
-            let trace = a.faults().take_trace();
-            let kinds: Vec<(DmIoOp, u64, bool)> =
-                trace.iter().map(|o| (o.op, o.sector, o.fua)).collect();
-            assert_eq!(
-                kinds,
-                vec![
-                    (DmIoOp::Write, 0, false),
-                    (DmIoOp::Flush, 0, false),
-                    (DmIoOp::Write, 1024, false),
-                    (DmIoOp::Write, 2048, true)
-                ],
-                "{at}"
-            );
-            let trace_b = b.faults().take_trace();
-            assert_eq!(trace_b.first().map(|o| o.op), Some(DmIoOp::Flush), "{at}: {trace_b:?}");
-            // Power loss: W1 (flushed) and W3 (FUA) survive, W2 (after the flush,
-            // not FUA) need not.
-            let base = vec![0u8; 4096 * 512];
-            let durable = log.image_at(log.len(), &base, Replay::DurableOnly);
-            check_pattern(&durable[..64 * 512], 0, 1).unwrap_or_else(|e| panic!("{at}: {e}"));
-            assert!(durable[1024 * 512..1088 * 512].iter().all(|&x| x == 0), "{at}");
-            check_pattern(&durable[2048 * 512..2112 * 512], 2048, 3)
-                .unwrap_or_else(|e| panic!("{at}: {e}"));
-            // No prefix of the log shows W2's data before its preflush completed.
-            for upto in 0..=log.len() {
-                let image = log.image_at(upto, &base, Replay::Everything);
-                let has_w2 = image[1024 * 512..1088 * 512].iter().any(|&x| x != 0);
-                let flushed =
-                    log.entries()[..upto].iter().any(|e| matches!(e, LogEntry::Flush { .. }));
-                assert!(!has_w2 || flushed, "{at}: W2 before its preflush at prefix {upto}");
-            }
-            // Everything replayed equals the device.
-            let all = log.image_at(log.len(), &base, Replay::Everything);
-            assert_eq!(all, disk(a, 0, 4096), "{at}: the log does not rebuild the device");
+    for (backing, engine) in configs() {
+        let at = label(backing, engine);
+        let tds = TestDevice::many(backing, DEV_SIZE, 2);
+        let (a, b) = (&tds[0].dev, &tds[1].dev);
+        let client = client(engine);
+        for dev in [a, b] {
+            dev.faults().start_write_log();
+            dev.faults().start_trace();
         }
+        // W1: a plain write; W2: PREFLUSH to both devices; W3: FUA.
+        write_pattern(&client, a, 0, 64, 1);
+        let req = DmIoRequest::write(AlignedBuf::from_slice(&pattern(1024, 64, 2)))
+            .with_flags(ReqFlags::PREFLUSH);
+        let done = client
+            .io_sync(req, &[DmIoRegion::new(a, 1024, 64), DmIoRegion::new(b, 1024, 64)])
+            .expect("valid");
+        assert!(done.is_ok(), "{at}: {:?}", done.failures);
+        let req = DmIoRequest::write(AlignedBuf::from_slice(&pattern(2048, 64, 3)))
+            .with_flags(ReqFlags::FUA);
+        let done = client.io_sync(req, &[DmIoRegion::new(a, 2048, 64)]).expect("valid");
+        assert!(done.is_ok(), "{at}: {:?}", done.failures);
+
+        let log = a.faults().take_write_log();
+        let entries = log.entries();
+        assert_eq!(entries.len(), 4, "{at}: {entries:#?}");
+        assert!(
+            matches!(&entries[0], LogEntry::Write { sector: 0, fua: false, dropped: false, .. }),
+            "{at}: {:?}",
+            entries[0]
+        );
+        assert_eq!(entries[1], LogEntry::Flush { issued_at: 1 }, "{at}: the preflush");
+        match &entries[2] {
+            LogEntry::Write { sector: 1024, data, fua: false, dropped: false } => {
+                assert_eq!(data, &pattern(1024, 64, 2), "{at}")
+            }
+            other => panic!("{at}: expected the PREFLUSH data, got {other:?}"),
+        }
+        assert!(
+            matches!(&entries[3], LogEntry::Write { sector: 2048, fua: true, .. }),
+            "{at}: the FUA write: {:?}",
+            entries[3]
+        );
+        // Device b: its own preflush, then the data.
+        let log_b = b.faults().take_write_log();
+        assert_eq!(log_b.len(), 2, "{at}: {:?}", log_b.entries());
+        assert_eq!(log_b.entries()[0], LogEntry::Flush { issued_at: 0 }, "{at}");
+        assert!(matches!(log_b.entries()[1], LogEntry::Write { sector: 1024, .. }), "{at}");
+        // The trace agrees, and marks only the FUA write.
+        let trace = a.faults().take_trace();
+        let kinds: Vec<(DmIoOp, u64, bool)> =
+            trace.iter().map(|o| (o.op, o.sector, o.fua)).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (DmIoOp::Write, 0, false),
+                (DmIoOp::Flush, 0, false),
+                (DmIoOp::Write, 1024, false),
+                (DmIoOp::Write, 2048, true)
+            ],
+            "{at}"
+        );
+        let trace_b = b.faults().take_trace();
+        assert_eq!(trace_b.first().map(|o| o.op), Some(DmIoOp::Flush), "{at}: {trace_b:?}");
+        // Power loss: W1 (flushed) and W3 (FUA) survive, W2 (after the flush,
+        // not FUA) need not.
+        let base = vec![0u8; 4096 * 512];
+        let durable = log.image_at(log.len(), &base, Replay::DurableOnly);
+        check_pattern(sectors_of(&durable, 0, 64), 0, 1).unwrap_or_else(|e| panic!("{at}: {e}"));
+        assert!(sectors_of(&durable, 1024, 64).iter().all(|&x| x == 0), "{at}");
+        check_pattern(sectors_of(&durable, 2048, 64), 2048, 3)
+            .unwrap_or_else(|e| panic!("{at}: {e}"));
+        // No prefix of the log shows W2's data before its preflush completed.
+        for upto in 0..=log.len() {
+            let image = log.image_at(upto, &base, Replay::Everything);
+            let has_w2 = sectors_of(&image, 1024, 64).iter().any(|&x| x != 0);
+            let flushed = log.entries()[..upto].iter().any(|e| matches!(e, LogEntry::Flush { .. }));
+            assert!(!has_w2 || flushed, "{at}: W2 before its preflush at prefix {upto}");
+        }
+        // Everything replayed equals the device.
+        let all = log.image_at(log.len(), &base, Replay::Everything);
+        assert_eq!(all, disk(a, 0, 4096), "{at}: the log does not rebuild the device");
     }
 }
 
@@ -721,7 +641,7 @@ fn io10_io11_discard_and_write_zeroes() {
         ("write-zeroes NOUNMAP", || DmIoRequest::write_zeroes().with_flags(ReqFlags::NOUNMAP)),
     ];
     for backing in backings() {
-        let tds = devices(backing, 2);
+        let tds = TestDevice::many(backing, DEV_SIZE, 2);
         let (a, b) = (&tds[0].dev, &tds[1].dev);
         for (e, engine) in ENGINES.into_iter().enumerate() {
             let client = client(engine);
@@ -814,10 +734,7 @@ fn io10_io11_discard_and_write_zeroes() {
 /// into scattered memory correctly.
 #[test]
 fn io12_scattered_memory_gives_the_same_bytes() {
-    for (backing, engine) in cases() {
-        let at = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, DEV_SIZE);
-        let client = client(engine);
+    for (at, td, client) in scenarios(DEV_SIZE) {
         let lbs = td.dev.logical_block_size() as usize;
         let pool = client.page_pool();
         let mut rng = Rng(0xfeed + lbs as u64);
@@ -862,8 +779,8 @@ fn io12_scattered_memory_gives_the_same_bytes() {
 /// are resubmitted and the data is still correct, with no error.
 #[test]
 fn io13_splitting_and_short_transfers() {
-    for (backing, engine) in cases() {
-        let at = format!("{backing}/{engine:?}");
+    for (backing, engine) in configs() {
+        let at = label(backing, engine);
         let td = TestDevice::new(backing, DEV_SIZE);
         let dev = &td.dev;
         let lbs = dev.logical_block_size() as usize;
@@ -941,10 +858,10 @@ fn io13_splitting_and_short_transfers() {
 #[test]
 fn io15_per_region_error_bits_async() {
     for backing in backings() {
-        let tds = devices(backing, 2);
+        let tds = TestDevice::many(backing, DEV_SIZE, 2);
         let (a, b) = (&tds[0].dev, &tds[1].dev);
         for engine in ENGINES {
-            let at = format!("{backing}/{engine:?}");
+            let at = label(backing, engine);
             let client = client(engine);
             a.faults().add(FaultRule::fail(OpSet::WRITE, 0..64, libc::EIO));
             b.faults().add(FaultRule::fail(OpSet::WRITE, 1024..1088, libc::ENOSPC));
@@ -984,11 +901,8 @@ fn io15_per_region_error_bits_async() {
 /// the region are untouched. Checked with a contiguous buffer and a bio vector.
 #[test]
 fn io16_failed_read_is_zero_filled() {
-    for (backing, engine) in cases() {
-        let at = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, DEV_SIZE);
+    for (at, td, client) in scenarios_with(DEV_SIZE, |e| client_with(e, 64 << 10, 256)) {
         let dev = &td.dev;
-        let client = client_with(engine, 64 << 10, 256);
         let (start, sectors) = (2048u64, 1024u64); // 512 KiB in 64 KiB ops
         write_pattern(&client, dev, start, sectors, 16);
         let fail_at = start + 200;
@@ -1039,9 +953,9 @@ fn io16_failed_read_is_zero_filled() {
 #[test]
 fn io17_one_region_fails_the_others_are_written() {
     for backing in backings() {
-        let tds = devices(backing, 3);
+        let tds = TestDevice::many(backing, DEV_SIZE, 3);
         for (e, engine) in ENGINES.into_iter().enumerate() {
-            let at = format!("{backing}/{engine:?}");
+            let at = label(backing, engine);
             let client = client_with(engine, 64 << 10, 256);
             let seed = 170 + e as u64;
             tds[0].dev.faults().add(FaultRule::fail(OpSet::WRITE, 0..u64::MAX, libc::EIO));
@@ -1075,11 +989,8 @@ fn io17_one_region_fails_the_others_are_written() {
 /// have no priority field), and the trace says so.
 #[test]
 fn io18_ioprio_on_every_op() {
-    for (backing, engine) in cases() {
-        let at = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, DEV_SIZE);
+    for (at, td, client) in scenarios_with(DEV_SIZE, |e| client_with(e, 64 << 10, 256)) {
         let dev = &td.dev;
-        let client = client_with(engine, 64 << 10, 256);
         let lbs = u64::from(dev.logical_block_size());
         let prio = IoPriority::new(IoPriorityClass::BestEffort, 3);
         dev.faults().add(FaultRule::short_transfers(OpSet::READ | OpSet::WRITE, lbs));
@@ -1152,11 +1063,8 @@ fn assert_atomic_refused(
 /// writes, and ATOMIC on a read.
 #[test]
 fn io20_impossible_atomic_writes_are_refused() {
-    for (backing, engine) in cases() {
-        let at = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, DEV_SIZE);
+    for (at, td, client) in scenarios(DEV_SIZE) {
         let dev = &td.dev;
-        let client = client(engine);
         set_atomic_unit(dev, 16384);
         let one = |sector, count| [DmIoRegion::new(dev, sector, count)];
         let check = |req, regions: &[DmIoRegion], what: &str| {
@@ -1180,11 +1088,8 @@ fn io20_impossible_atomic_writes_are_refused() {
 /// on each device: a second, oversized region on the same device is refused.
 #[test]
 fn io20_every_region_of_an_atomic_write_is_checked() {
-    for (backing, engine) in cases() {
-        let at = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, DEV_SIZE);
+    for (at, td, client) in scenarios(DEV_SIZE) {
         let dev = &td.dev;
-        let client = client(engine);
         set_atomic_unit(dev, 16384);
         let regions = [DmIoRegion::new(dev, 0, 16), DmIoRegion::new(dev, 1024, 64)];
         let what = format!("{at}: a 32 KiB second region with a 16 KiB unit");
@@ -1196,11 +1101,8 @@ fn io20_every_region_of_an_atomic_write_is_checked() {
 /// larger than the client's op cap: it goes out as one op (or is refused).
 #[test]
 fn io20_atomic_region_is_never_split() {
-    for (backing, engine) in cases() {
-        let at = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, DEV_SIZE);
+    for (at, td, client) in scenarios_with(DEV_SIZE, |e| client_with(e, 4096, 256)) {
         let dev = &td.dev;
-        let client = client_with(engine, 4096, 256);
         set_atomic_unit(dev, 16384);
         dev.faults().start_trace();
         let result = client.io_sync(atomic_write(16), &[DmIoRegion::new(dev, 0, 16)]);
@@ -1221,8 +1123,8 @@ fn io20_atomic_region_is_never_split() {
 /// completed and its callback has run (`dm_io_client_destroy`).
 #[test]
 fn dropping_or_closing_a_client_waits_for_its_io() {
-    for (backing, engine) in cases() {
-        let at = format!("{backing}/{engine:?}");
+    for (backing, engine) in configs() {
+        let at = label(backing, engine);
         let td = TestDevice::new(backing, DEV_SIZE);
         let dev = &td.dev;
         dev.faults().add(FaultRule::delay(OpSet::WRITE, Duration::from_millis(60)));
@@ -1261,11 +1163,8 @@ fn dropping_or_closing_a_client_waits_for_its_io() {
 /// the data and the error bits; a dropped future does not cancel its request.
 #[test]
 fn future_adapter() {
-    for (backing, engine) in cases() {
-        let at = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, DEV_SIZE);
+    for (at, td, client) in scenarios(DEV_SIZE) {
         let dev = &td.dev;
-        let client = client(engine);
         let region = DmIoRegion::new(dev, 256, 64);
         let data = AlignedBuf::from_slice(&pattern(256, 64, 21));
         let done = pollster::block_on(
@@ -1306,11 +1205,8 @@ fn future_adapter() {
 /// with its own context, error bits and memory.
 #[test]
 fn shared_handler_notify() {
-    for (backing, engine) in cases() {
-        let at = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, DEV_SIZE);
+    for (at, td, client) in scenarios(DEV_SIZE) {
         let dev = &td.dev;
-        let client = client(engine);
         type Seen = Mutex<Vec<(usize, u64, Option<Vec<u8>>)>>;
         let seen: Arc<Seen> = Arc::new(Mutex::new(Vec::new()));
         let sink = seen.clone();
@@ -1349,11 +1245,8 @@ fn shared_handler_notify() {
 /// per request, with the memory holding what was read.
 #[test]
 fn channel_notify() {
-    for (backing, engine) in cases() {
-        let at = format!("{backing}/{engine:?}");
-        let td = TestDevice::new(backing, DEV_SIZE);
+    for (at, td, client) in scenarios(DEV_SIZE) {
         let dev = &td.dev;
-        let client = client(engine);
         for k in 0..16u64 {
             write_pattern(&client, dev, k * 128, 64, 200 + k);
         }
@@ -1394,8 +1287,8 @@ fn channel_notify() {
 /// write-zeroes and flushes (naming the region) before anything is issued.
 #[test]
 fn read_only_device_refuses_writes() {
-    for (backing, engine) in cases() {
-        let at = format!("{backing}/{engine:?}");
+    for (backing, engine) in configs() {
+        let at = label(backing, engine);
         let td =
             TestDevice::with_options(backing, DEV_SIZE, dmio::DeviceOptions::new().read_only(true));
         let ro = &td.dev;

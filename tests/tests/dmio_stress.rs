@@ -25,12 +25,10 @@ use dmio::{
     DmIoMemory, DmIoOp, DmIoRegion, DmIoRequest, EngineChoice, Errno, Notify, NotifyHandler,
     PagePool, ReqFlags,
 };
-use tests::{Backing, ENGINES, TestDevice, backings, check_pattern, client, fill_pattern};
-
-// Linux errno values (asm-generic).
-const EIO: i32 = 5;
-const ENOSPC: i32 = 28;
-const EOPNOTSUPP: i32 = 95;
+use tests::{
+    Backing, Rng, TestDevice, check_pattern, client, client_with_config, configs, fill_pattern,
+    label, write_pattern,
+};
 
 const DEVICES: usize = 3;
 const DEVICE_BYTES: u64 = 64 << 20;
@@ -46,9 +44,9 @@ type FailRange = (usize, Range<u64>, OpSet, i32);
 fn fail_ranges() -> Vec<FailRange> {
     let writes = OpSet::WRITE | OpSet::DISCARD | OpSet::WRITE_ZEROES;
     vec![
-        (0, 2048..2304, OpSet::READ, EIO),
-        (0, 10240..11264, writes, EIO),
-        (1, 12288..13312, writes, ENOSPC),
+        (0, 2048..2304, OpSet::READ, libc::EIO),
+        (0, 10240..11264, writes, libc::EIO),
+        (1, 12288..13312, writes, libc::ENOSPC),
     ]
 }
 
@@ -171,21 +169,6 @@ fn check(st: &State, expect: &Expect, done: DmIoCompletion) -> Result<(), String
     Ok(())
 }
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// Fresh sectors in each device's write zone, never handed out twice.
 struct Allocator {
     next: Vec<AtomicU64>,
@@ -224,7 +207,7 @@ fn failing(
             _ => false,
         };
         if unsupported {
-            out.push((i, EOPNOTSUPP));
+            out.push((i, libc::EOPNOTSUPP));
             continue;
         }
         let hit = fail_ranges().into_iter().find(|(d, range, ops, _)| {
@@ -360,22 +343,16 @@ fn submit_one(
 }
 
 fn stress(backing: Backing, engine: EngineChoice) {
-    let what = format!("{backing}/{engine:?}");
+    let what = label(backing, engine);
     let started = Instant::now();
-    let tds: Vec<TestDevice> =
-        (0..DEVICES).map(|_| TestDevice::new(backing, DEVICE_BYTES)).collect();
+    let tds = TestDevice::many(backing, DEVICE_BYTES, DEVICES);
     let devs: Vec<Arc<BlockDevice>> = tds.iter().map(|t| t.dev.clone()).collect();
     let client = Arc::new(client(engine));
 
     // The read zone holds a known pattern (written before any fault is set).
     for dev in &devs {
         for chunk in 0..READ_ZONE / 2048 {
-            let mut buf = AlignedBuf::new(1 << 20);
-            fill_pattern(&mut buf, chunk * 2048, READ_SEED);
-            let done = client
-                .io_sync(DmIoRequest::write(buf), &[DmIoRegion::new(dev, chunk * 2048, 2048)])
-                .unwrap();
-            assert!(done.is_ok(), "{what}: prefill {:?}", done.failures);
+            write_pattern(&client, dev, chunk * 2048, 2048, READ_SEED);
         }
     }
     let prefill_requests = client.stats().requests;
@@ -461,10 +438,8 @@ fn stress(backing: Backing, engine: EngineChoice) {
 
 #[test]
 fn stress_mixed_requests_every_callback_exactly_once() {
-    for backing in backings() {
-        for engine in ENGINES {
-            stress(backing, engine);
-        }
+    for (backing, engine) in configs() {
+        stress(backing, engine);
     }
 }
 
@@ -475,73 +450,66 @@ fn stress_mixed_requests_every_callback_exactly_once() {
 #[test]
 fn tiny_reserve_blocks_submitters_instead_of_failing() {
     let delay = Duration::from_millis(10);
-    for backing in backings() {
-        for engine in ENGINES {
-            let what = format!("{backing}/{engine:?}");
-            let td = TestDevice::new(backing, 4 << 20);
-            let config = DmIoConfig {
-                engine,
-                reserve: 2,
-                pool_pages: 8,
-                pool_extra_pages: 0,
-                ..Default::default()
-            };
-            let client = DmIoClient::with_config(config).unwrap();
-            assert_eq!(client.reserve(), 2);
-            let reserve = client.reserve();
-            let requests = 10 * reserve;
-            td.dev.faults().add(FaultRule::delay(OpSet::all(), delay));
-            let done = Arc::new(AtomicUsize::new(0));
-            let failed = Arc::new(AtomicUsize::new(0));
-            let longest_submit = Mutex::new(Duration::ZERO);
-            let start = Instant::now();
-            std::thread::scope(|s| {
-                for t in 0..4usize {
-                    let (client, td, done, failed, longest) =
-                        (&client, &td, &done, &failed, &longest_submit);
-                    s.spawn(move || {
-                        for k in 0..requests / 4 {
-                            let n = t * (requests / 4) + k;
-                            // Two pool pages each: the pool (8 pages, no extra) is
-                            // also a bounded reserve, given back by each completion.
-                            let pages = client.page_pool().alloc_list(2);
-                            let sector = 16 * n as u64;
-                            let (done, failed) = (done.clone(), failed.clone());
-                            let req = if n.is_multiple_of(2) {
-                                DmIoRequest::write(pages)
-                            } else {
-                                DmIoRequest::read(pages)
-                            }
-                            .on_complete(move |c| {
-                                if !c.is_ok() || c.memory.map(|m| m.len()) != Some(8192) {
-                                    failed.fetch_add(1, Ordering::SeqCst);
-                                }
-                                done.fetch_add(1, Ordering::SeqCst);
-                            });
-                            let t0 = Instant::now();
-                            client
-                                .submit(req, &[DmIoRegion::new(&td.dev, sector, 16)])
-                                .unwrap_or_else(|e| panic!("submit failed: {e}"));
-                            let took = t0.elapsed();
-                            let mut longest = longest.lock().unwrap();
-                            *longest = (*longest).max(took);
+    for (backing, engine) in configs() {
+        let what = label(backing, engine);
+        let td = TestDevice::new(backing, 4 << 20);
+        let config =
+            DmIoConfig { reserve: 2, pool_pages: 8, pool_extra_pages: 0, ..Default::default() };
+        let client = client_with_config(engine, config);
+        assert_eq!(client.reserve(), 2);
+        let reserve = client.reserve();
+        let requests = 10 * reserve;
+        td.dev.faults().add(FaultRule::delay(OpSet::all(), delay));
+        let done = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let longest_submit = Mutex::new(Duration::ZERO);
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            for t in 0..4usize {
+                let (client, td, done, failed, longest) =
+                    (&client, &td, &done, &failed, &longest_submit);
+                s.spawn(move || {
+                    for k in 0..requests / 4 {
+                        let n = t * (requests / 4) + k;
+                        // Two pool pages each: the pool (8 pages, no extra) is
+                        // also a bounded reserve, given back by each completion.
+                        let pages = client.page_pool().alloc_list(2);
+                        let sector = 16 * n as u64;
+                        let (done, failed) = (done.clone(), failed.clone());
+                        let req = if n.is_multiple_of(2) {
+                            DmIoRequest::write(pages)
+                        } else {
+                            DmIoRequest::read(pages)
                         }
-                    });
-                }
-            });
-            client.close();
-            let elapsed = start.elapsed();
-            assert_eq!(done.load(Ordering::SeqCst), requests, "{what}");
-            assert_eq!(failed.load(Ordering::SeqCst), 0, "{what}");
-            // At most `reserve` requests in flight, each held for `delay`.
-            let floor = delay * (requests / reserve) as u32;
-            assert!(elapsed >= floor, "{what}: {requests} requests in {elapsed:?} < {floor:?}");
-            let longest = *longest_submit.lock().unwrap();
-            assert!(
-                longest >= delay / 2,
-                "{what}: no submitter ever waited for a slot (longest submit {longest:?})"
-            );
-            assert_eq!(client.page_pool().free_reserve_pages(), 8, "{what}");
-        }
+                        .on_complete(move |c| {
+                            if !c.is_ok() || c.memory.map(|m| m.len()) != Some(8192) {
+                                failed.fetch_add(1, Ordering::SeqCst);
+                            }
+                            done.fetch_add(1, Ordering::SeqCst);
+                        });
+                        let t0 = Instant::now();
+                        client
+                            .submit(req, &[DmIoRegion::new(&td.dev, sector, 16)])
+                            .unwrap_or_else(|e| panic!("submit failed: {e}"));
+                        let took = t0.elapsed();
+                        let mut longest = longest.lock().unwrap();
+                        *longest = (*longest).max(took);
+                    }
+                });
+            }
+        });
+        client.close();
+        let elapsed = start.elapsed();
+        assert_eq!(done.load(Ordering::SeqCst), requests, "{what}");
+        assert_eq!(failed.load(Ordering::SeqCst), 0, "{what}");
+        // At most `reserve` requests in flight, each held for `delay`.
+        let floor = delay * (requests / reserve) as u32;
+        assert!(elapsed >= floor, "{what}: {requests} requests in {elapsed:?} < {floor:?}");
+        let longest = *longest_submit.lock().unwrap();
+        assert!(
+            longest >= delay / 2,
+            "{what}: no submitter ever waited for a slot (longest submit {longest:?})"
+        );
+        assert_eq!(client.page_pool().free_reserve_pages(), 8, "{what}");
     }
 }
