@@ -443,6 +443,7 @@ impl Dispatcher {
             self.wait_for_op(&mut slot);
             let id = slot.id as usize;
             self.active[id] = Some(slot);
+            self.run_waiting();
         }
     }
 
