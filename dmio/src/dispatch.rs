@@ -1016,6 +1016,10 @@ impl Dispatcher {
     fn apply_faults(&mut self, op: u32, slot: &mut RequestSlot) -> bool {
         use crate::fault::{IssueVerdict, OpInfo};
         let o = &self.ops[op as usize];
+        if !slot.regions[o.region].device.faults().is_active() {
+            // No rule, trace or log on this device: one atomic load, nothing else.
+            return false;
+        }
         let device = slot.regions[o.region].device.clone();
         let faults = device.faults();
         let info = OpInfo {

@@ -364,6 +364,11 @@ impl FaultInjector {
         log
     }
 
+    /// Whether any rule, trace or write log is set (the hot path checks only this).
+    pub(crate) fn is_active(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
+
     /// Decides what happens to an operation about to be issued.
     pub(crate) fn on_issue(&self, info: &OpInfo) -> IssueVerdict {
         if !self.active.load(Ordering::Acquire) {
