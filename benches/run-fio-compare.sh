@@ -16,7 +16,7 @@
 #
 # The same settings as environment variables: PAIRS (default 5), RUNTIME (10),
 # RAMP (2), CASES (all of: rr32-tuned rr32-default rr1 seq1m-qd8 rw32-tuned;
-# rr1-default is also known), DEV_SIZE (size of the /dev/shm image, 2G), SIZE
+# rr1-default and sync1 (the blocking API vs fio psync) are also known), DEV_SIZE (size of the /dev/shm image, 2G), SIZE
 # (offset range used by both tools, default the whole device), RESULTS
 # (default benches/results/<date>), DEVICE (an existing device to use instead
 # of creating one; its data is overwritten by the write case), PIN (a command
@@ -144,6 +144,7 @@ KNOWN = {
     "rr1-default": ("randread", "4k", 1, "default", 0.95, "4k randread QD1 vs fio-default QD1"),
     "seq1m-qd8": ("read", "1M", 8, "tuned", 0.98, "1 MiB seq read QD8 vs fio-tuned"),
     "rw32-tuned": ("randwrite", "4k", 32, "tuned", 0.97, "4k randwrite QD32 vs fio-tuned"),
+    "sync1": ("randread", "4k", 1, "psync", 0.95, "4k randread, blocking API vs fio psync, one thread"),
 }
 for c in CASES:
     if c not in KNOWN:
@@ -155,8 +156,9 @@ def fmt_secs(x):
 
 
 def fio_cmd(rw, bs, qd, flavour):
+    engine = "psync" if flavour == "psync" else "io_uring"
     cmd = [
-        "fio", "--name=r", f"--filename={DEVICE}", "--direct=1", "--ioengine=io_uring",
+        "fio", "--name=r", f"--filename={DEVICE}", "--direct=1", f"--ioengine={engine}",
         f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", "--numjobs=1", "--time_based",
         f"--runtime={fmt_secs(RUNTIME)}", f"--ramp_time={fmt_secs(RAMP)}", "--norandommap",
         "--randrepeat=0", "--lat_percentiles=1", "--output-format=json", "--offset=0",
@@ -169,9 +171,11 @@ def fio_cmd(rw, bs, qd, flavour):
     return PIN + cmd
 
 
-def dmio_cmd(rw, bs, qd):
+def dmio_cmd(rw, bs, qd, flavour):
     cmd = [BENCH, "--device", DEVICE, "--rw", rw, "--bs", bs, "--iodepth", str(qd),
            "--runtime", fmt_secs(RUNTIME), "--ramp", fmt_secs(RAMP), "--offset", "0", "--json"]
+    if flavour == "psync":
+        cmd += ["--api", "blocking"]
     if SIZE:
         cmd += ["--size", SIZE]
     return PIN + cmd
@@ -251,7 +255,7 @@ summary = []
 commands = {}
 for case in CASES:
     rw, bs, qd, flavour, target, desc = KNOWN[case]
-    fcmd, dcmd = fio_cmd(rw, bs, qd, flavour), dmio_cmd(rw, bs, qd)
+    fcmd, dcmd = fio_cmd(rw, bs, qd, flavour), dmio_cmd(rw, bs, qd, flavour)
     commands[case] = {"fio": shlex.join(fcmd), "dmio": shlex.join(dcmd)}
     print(f"== {case}: {desc}", flush=True)
     print(f"   fio:  {shlex.join(fcmd)}")

@@ -102,6 +102,16 @@ enum Mem {
     Buf,
 }
 
+/// Which client API drives the load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Api {
+    /// Asynchronous submission; each request is resubmitted from its notify callback.
+    Callback,
+    /// The blocking `io_sync` call, from `--iodepth` threads (fio's psync engine
+    /// with `--numjobs`).
+    Blocking,
+}
+
 /// Command line.
 #[derive(Parser, Debug)]
 #[command(
@@ -160,6 +170,9 @@ struct Args {
     /// Seed of the random offsets (default: from the clock).
     #[arg(long)]
     seed: Option<u64>,
+    /// The client API that drives the load.
+    #[arg(long, value_enum, default_value_t = Api::Callback)]
+    api: Api,
 }
 
 /// Parses `4096`, `4k`, `4K`, `4KiB`, `1m`, `2g` (powers of 1024, as fio).
@@ -582,17 +595,41 @@ impl Report {
     }
 }
 
-/// The difference of two counter snapshots.
-fn stats_delta(a: ClientStats, b: ClientStats) -> ClientStats {
-    ClientStats {
-        requests: b.requests - a.requests,
-        ops: b.ops - a.ops,
-        retries: b.retries - a.retries,
-        short_transfers: b.short_transfers - a.short_transfers,
-        fixed_buffer_ops: b.fixed_buffer_ops - a.fixed_buffer_ops,
-        submit_calls: b.submit_calls - a.submit_calls,
-        callback_panics: b.callback_panics - a.callback_panics,
+/// One thread of the blocking mode: `io_sync` in a loop until the run stops,
+/// recording each call's latency while measuring.
+fn blocking_worker(driver: Arc<Driver>, mut memory: DmIoMemory) {
+    loop {
+        let phase = driver.phase.load(Ordering::Acquire);
+        if phase == PHASE_STOP || driver.errors.load(Ordering::Relaxed) != 0 {
+            break;
+        }
+        let sector = driver.next_sector(&mut driver.hot());
+        let started = Instant::now();
+        let req = DmIoRequest::new(driver.op).with_memory(memory);
+        let region = DmIoRegion::new(&driver.device, sector, driver.sectors);
+        let done = match driver.client.io_sync(req, &[region]) {
+            Ok(done) => done,
+            Err(e) => {
+                driver.fail(format!("a blocking call failed: {e}"));
+                break;
+            }
+        };
+        let now = Instant::now();
+        if !done.error_bits.is_empty() {
+            driver.fail(format!("a request failed: {:?}", done.failures.first()));
+            break;
+        }
+        let Some(back) = done.memory else {
+            driver.fail("a completion came back without its memory".into());
+            break;
+        };
+        memory = back;
+        if phase == PHASE_MEASURE {
+            let ns = now.saturating_duration_since(started).as_nanos();
+            driver.hot().hist.saturating_record(u64::try_from(ns).unwrap_or(u64::MAX).max(1));
+        }
     }
+    driver.in_flight.fetch_sub(1, Ordering::AcqRel);
 }
 
 /// Sleeps `secs` seconds, returning early when an error was recorded or no
@@ -762,11 +799,20 @@ fn run(args: &Args) -> Result<Report, String> {
     let mut sys0 = SystemCpu::read();
     let mut stats0 = client.stats();
     let mut t0 = Instant::now();
+    let mut workers = Vec::new();
     for (slot, memory) in memories.into_iter().enumerate() {
         driver.in_flight.fetch_add(1, Ordering::AcqRel);
-        if !driver.submit(slot, memory, Instant::now(), false) {
-            driver.in_flight.fetch_sub(1, Ordering::AcqRel);
-            break;
+        match args.api {
+            Api::Callback => {
+                if !driver.submit(slot, memory, Instant::now(), false) {
+                    driver.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    break;
+                }
+            }
+            Api::Blocking => {
+                let driver = driver.clone();
+                workers.push(std::thread::spawn(move || blocking_worker(driver, memory)));
+            }
         }
     }
     let mut ok = true;
@@ -796,6 +842,9 @@ fn run(args: &Args) -> Result<Report, String> {
             ));
         }
         std::thread::sleep(Duration::from_millis(1));
+    }
+    for worker in workers {
+        let _ = worker.join();
     }
     let stats1 = client.stats();
     // Waits for the completion thread, so every Notify (and its handler clone)
@@ -831,7 +880,7 @@ fn run(args: &Args) -> Result<Report, String> {
         system_busy_s: sys1.busy.saturating_sub(sys0.busy) as f64 / hz,
         system_idle_s: sys1.idle.saturating_sub(sys0.idle) as f64 / hz,
         steal_s: sys1.steal.saturating_sub(sys0.steal) as f64 / hz,
-        stats: stats_delta(stats0, stats1),
+        stats: stats1.since(&stats0),
         loop_dio: loop_dio(&args.device),
     })
 }
