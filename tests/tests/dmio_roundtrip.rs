@@ -2,7 +2,7 @@
 //! memory type.
 
 use dmio::{AlignedBuf, BioVec, Bvec, DmIoMemory, DmIoRegion, DmIoRequest, PageList, VirtualArea};
-use tests::{check_pattern, pattern, scenarios, sectors_of};
+use tests::{Backing, TestDevice, check_pattern, client, pattern, scenarios, sectors_of};
 
 fn memories(bytes: &[u8], pool: &dmio::PagePool) -> Vec<DmIoMemory> {
     let len = bytes.len();
@@ -43,4 +43,28 @@ fn write_read_verify_every_backing_engine_and_memory() {
         let image = td.read_back();
         check_pattern(sectors_of(&image, 1024, 256), 1024, 7).unwrap();
     }
+}
+
+/// The client's page pool is registered with the ring: a transfer from one pool
+/// page uses the fixed-buffer opcodes (where the kernel allows registration),
+/// and a heap buffer does not.
+#[test]
+fn pool_pages_use_fixed_buffers_with_io_uring() {
+    let td = TestDevice::new(Backing::File, 1 << 20);
+    let client = client(dmio::EngineChoice::Uring);
+    let before = client.stats();
+    let page = client.page_pool().alloc();
+    let done = client.io_sync(DmIoRequest::read(page), &[DmIoRegion::new(&td.dev, 0, 8)]).unwrap();
+    assert!(done.is_ok());
+    assert_eq!(
+        client.stats().since(&before).fixed_buffer_ops,
+        1,
+        "the pool page was not used as a fixed buffer"
+    );
+    let before = client.stats();
+    let done = client
+        .io_sync(DmIoRequest::read(AlignedBuf::new(4096)), &[DmIoRegion::new(&td.dev, 0, 8)])
+        .unwrap();
+    assert!(done.is_ok());
+    assert_eq!(client.stats().since(&before).fixed_buffer_ops, 0);
 }
