@@ -478,11 +478,7 @@ impl Dispatcher {
                     continue;
                 }
                 slot.progress.queued = false;
-                if self.pump(&mut slot) {
-                    self.finish(slot);
-                } else {
-                    self.active[id as usize] = Some(slot);
-                }
+                self.advance(slot);
             }
         }
     }
@@ -538,13 +534,10 @@ impl Dispatcher {
                     let dev = &region.device;
                     let lbs = u64::from(dev.logical_block_size().max(512));
                     let round = |max: u64| (max / lbs * lbs).max(lbs);
+                    let data_max = || round(dev.info().max_io_bytes.min(self.max_op_bytes));
                     let (kind, max) = match slot.op {
-                        DmIoOp::Read => {
-                            (OpKind::Read, round(dev.info().max_io_bytes.min(self.max_op_bytes)))
-                        }
-                        DmIoOp::Write => {
-                            (OpKind::Write, round(dev.info().max_io_bytes.min(self.max_op_bytes)))
-                        }
+                        DmIoOp::Read => (OpKind::Read, data_max()),
+                        DmIoOp::Write => (OpKind::Write, data_max()),
                         DmIoOp::Discard | DmIoOp::WriteZeroes => {
                             let limit = if slot.op == DmIoOp::Discard {
                                 dev.max_discard_bytes()
@@ -554,16 +547,7 @@ impl Dispatcher {
                             if limit == 0 {
                                 // The device cannot do it: the region fails with
                                 // EOPNOTSUPP and nothing is sent (no fallback).
-                                let sector = region.sector;
-                                let failure = RegionFailure {
-                                    region: i,
-                                    device: dev.clone(),
-                                    sector,
-                                    op: slot.op,
-                                    errno: Errno(libc::EOPNOTSUPP),
-                                };
-                                slot.progress.error_bits.set(i);
-                                slot.progress.failures.push(failure);
+                                self.fail_region_now(slot, i, libc::EOPNOTSUPP);
                                 next_region(slot);
                                 continue;
                             }
@@ -609,8 +593,7 @@ impl Dispatcher {
                             next_region(slot);
                             continue;
                         };
-                        o.iov.clear();
-                        let covered = memory.gather(
+                        let gathered = memory.gather(
                             start,
                             len,
                             &mut slot.progress.cursor,
@@ -619,14 +602,14 @@ impl Dispatcher {
                         );
                         // Cut at a block boundary (segments are block multiples, so
                         // this only matters for a corrupt memory layout).
-                        let covered = covered / lbs * lbs;
+                        let covered = gathered / lbs * lbs;
                         if covered == 0 {
                             self.free_ops.push(op);
                             self.fail_region_now(slot, i, libc::EINVAL);
                             next_region(slot);
                             continue;
                         }
-                        if covered < o.iov.iter().map(|v| v.iov_len as u64).sum::<u64>() {
+                        if covered < gathered {
                             trim_iov(&mut o.iov, covered);
                         }
                         o.len = covered;
@@ -705,7 +688,6 @@ impl Dispatcher {
     fn launch(&mut self, op: u32, slot: &mut RequestSlot) {
         slot.progress.in_flight += 1;
         self.in_flight_ops += 1;
-        self.tally.ops += 1;
         #[cfg(feature = "fault-injection")]
         if !self.ops[op as usize].fault_checked {
             self.ops[op as usize].fault_checked = true;
@@ -714,6 +696,7 @@ impl Dispatcher {
             }
         }
         let io = self.io_op(op, slot.ioprio);
+        self.tally.ops += 1;
         if !self.engine.push(&io) {
             // The submission queue is full: submit what is queued and try again.
             let _ = self.engine.submit_and_wait(Wait::No);

@@ -213,3 +213,51 @@ fn zero_count_regions_need_neither_alignment_nor_range() {
         assert_eq!(trace[0].op, dmio::DmIoOp::Flush, "{backing}");
     }
 }
+
+/// A callback may submit: the completing request's slot is already back in the
+/// pool, so one more request fits; a second one, with every slot busy, gets
+/// `NoSlotInCallback` instead of deadlocking the completion thread.
+#[test]
+fn a_callback_can_resubmit_but_never_waits_for_a_slot() {
+    for engine in ENGINES {
+        let td = TestDevice::new(Backing::File, 1 << 20);
+        let config = DmIoConfig { engine, reserve: 2, ..Default::default() };
+        let client = Arc::new(DmIoClient::with_config(config).unwrap());
+        // Keep one slot busy for a while with a delayed read at sector 64.
+        td.dev.faults().add(FaultRule {
+            sectors: 64..72,
+            ..FaultRule::delay(OpSet::READ, Duration::from_millis(300))
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let slow = DmIoRequest::read(AlignedBuf::new(4096)).on_complete(|_| {});
+        client.submit(slow, &[DmIoRegion::new(&td.dev, 64, 8)]).unwrap();
+        let (c, dev) = (client.clone(), td.dev.clone());
+        let first = DmIoRequest::read(AlignedBuf::new(4096)).on_complete(move |_| {
+            let resubmitted_tx = tx.clone();
+            let again = DmIoRequest::read(AlignedBuf::new(4096)).on_complete(move |done| {
+                let _ = resubmitted_tx.send(("resubmitted request completed", done.is_ok()));
+            });
+            let first = c.submit(again, &[DmIoRegion::new(&dev, 0, 8)]);
+            let extra = DmIoRequest::read(AlignedBuf::new(4096)).on_complete(|_| {});
+            let second = c.submit(extra, &[DmIoRegion::new(&dev, 8, 8)]);
+            let _ = tx.send(("first resubmission accepted", first.is_ok()));
+            let _ = tx
+                .send(("second refused", matches!(second, Err(dmio::DmIoError::NoSlotInCallback))));
+        });
+        client.submit(first, &[DmIoRegion::new(&td.dev, 0, 8)]).unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            seen.push(rx.recv_timeout(Duration::from_secs(5)).expect("the callbacks ran"));
+        }
+        seen.sort();
+        assert_eq!(
+            seen,
+            vec![
+                ("first resubmission accepted", true),
+                ("resubmitted request completed", true),
+                ("second refused", true)
+            ],
+            "{engine:?}"
+        );
+    }
+}

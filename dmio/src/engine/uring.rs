@@ -180,49 +180,30 @@ impl UringEngine {
 
     fn build(&self, op: &IoOp) -> squeue::Entry {
         let fd = types::Fd(op.fd);
-        let rw_flags = op.rw_flags;
+        // Every read and write opcode takes the same offset, priority and flags.
+        macro_rules! rw {
+            ($builder:expr) => {
+                $builder.offset(op.offset).ioprio(op.ioprio).rw_flags(op.rw_flags).build()
+            };
+        }
         let entry = match (op.kind, op.buf) {
             (OpKind::Read, OpBuf::Single { addr, len, fixed: Some(index) }) => {
-                opcode::ReadFixed::new(fd, addr as *mut u8, len as u32, index)
-                    .offset(op.offset)
-                    .ioprio(op.ioprio)
-                    .rw_flags(rw_flags)
-                    .build()
+                rw!(opcode::ReadFixed::new(fd, addr as *mut u8, len as u32, index))
             }
             (OpKind::Read, OpBuf::Single { addr, len, fixed: None }) => {
-                opcode::Read::new(fd, addr as *mut u8, len as u32)
-                    .offset(op.offset)
-                    .ioprio(op.ioprio)
-                    .rw_flags(rw_flags)
-                    .build()
+                rw!(opcode::Read::new(fd, addr as *mut u8, len as u32))
             }
             (OpKind::Read, OpBuf::Vectored { iov, count }) => {
-                opcode::Readv::new(fd, iov as *const libc::iovec, count)
-                    .offset(op.offset)
-                    .ioprio(op.ioprio)
-                    .rw_flags(rw_flags)
-                    .build()
+                rw!(opcode::Readv::new(fd, iov as *const libc::iovec, count))
             }
             (OpKind::Write, OpBuf::Single { addr, len, fixed: Some(index) }) => {
-                opcode::WriteFixed::new(fd, addr as *const u8, len as u32, index)
-                    .offset(op.offset)
-                    .ioprio(op.ioprio)
-                    .rw_flags(rw_flags)
-                    .build()
+                rw!(opcode::WriteFixed::new(fd, addr as *const u8, len as u32, index))
             }
             (OpKind::Write, OpBuf::Single { addr, len, fixed: None }) => {
-                opcode::Write::new(fd, addr as *const u8, len as u32)
-                    .offset(op.offset)
-                    .ioprio(op.ioprio)
-                    .rw_flags(rw_flags)
-                    .build()
+                rw!(opcode::Write::new(fd, addr as *const u8, len as u32))
             }
             (OpKind::Write, OpBuf::Vectored { iov, count }) => {
-                opcode::Writev::new(fd, iov as *const libc::iovec, count)
-                    .offset(op.offset)
-                    .ioprio(op.ioprio)
-                    .rw_flags(rw_flags)
-                    .build()
+                rw!(opcode::Writev::new(fd, iov as *const libc::iovec, count))
             }
             (OpKind::Read | OpKind::Write, OpBuf::None) => {
                 // Not produced by the dispatcher; fail the op rather than panic.
