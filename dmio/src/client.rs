@@ -184,6 +184,19 @@ thread_local! {
     static COMPLETION_THREAD_OF: Cell<usize> = const { Cell::new(0) };
 }
 
+/// Whether the calling thread is a dm-io completion thread, that is, whether this
+/// code runs inside a notify callback (of any client).
+///
+/// Layers built on dm-io use it to refuse blocking calls there: a callback that
+/// waits for I/O would wait for the very thread it runs on.
+///
+/// ```
+/// assert!(!dmio::in_notify_callback());
+/// ```
+pub fn in_notify_callback() -> bool {
+    COMPLETION_THREAD_OF.with(|c| c.get() != 0)
+}
+
 pub(crate) fn mark_completion_thread(shared: &Arc<Shared>) {
     COMPLETION_THREAD_OF.with(|c| c.set(Arc::as_ptr(shared) as usize));
 }
@@ -535,6 +548,9 @@ pub(crate) fn validate(
         }
         return Err(DmIoError::MissingMemory { op: req.op });
     };
+    if req.op == DmIoOp::Read && matches!(memory, DmIoMemory::Zeroes(_)) {
+        return Err(DmIoError::ReadIntoZeroes);
+    }
     let available = memory.len() as u64;
     for (i, region) in regions.iter().enumerate() {
         if region.byte_len() > available {

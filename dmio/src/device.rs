@@ -383,6 +383,39 @@ impl BlockDevice {
         self.id
     }
 
+    /// Whether `self` and `other` are the same device: the same open device, the
+    /// same block device (major and minor) opened twice, or the same file (device
+    /// and inode) opened twice. A loop device and the file behind it are not
+    /// recognised as the same.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let file = tempfile::NamedTempFile::new_in(std::env::temp_dir())?;
+    /// file.as_file().set_len(1 << 20)?;
+    /// let a = dmio::BlockDevice::open(file.path())?;
+    /// let b = dmio::BlockDevice::open(file.path())?;
+    /// assert!(a.is_same_device(&b));
+    /// # Ok(()) }
+    /// ```
+    pub fn is_same_device(&self, other: &BlockDevice) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        if self.id == other.id {
+            return true;
+        }
+        match (self.kind, other.kind) {
+            (DeviceKind::BlockDevice { .. }, DeviceKind::BlockDevice { .. }) => {
+                self.kind == other.kind
+            }
+            (DeviceKind::RegularFile, DeviceKind::RegularFile) => {
+                match (self.file.metadata(), other.file.metadata()) {
+                    (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+                    _ => false,
+                }
+            }
+            _ => false,
+        }
+    }
+
     /// Whether this is a block special file.
     pub fn is_block_device(&self) -> bool {
         matches!(self.kind, DeviceKind::BlockDevice { .. })

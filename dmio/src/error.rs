@@ -352,6 +352,12 @@ pub enum DmIoError {
         /// The bytes the memory holds.
         available: u64,
     },
+    /// A read named [`DmIoMemory::Zeroes`](crate::DmIoMemory::Zeroes), which is
+    /// write-only (shared by every request).
+    #[error(
+        "a read cannot fill zero memory (DmIoMemory::Zeroes is write-only); read into a buffer"
+    )]
+    ReadIntoZeroes,
     /// A read or write came without memory.
     #[error("a {op} request needs memory")]
     MissingMemory {

@@ -240,6 +240,33 @@ pub enum DmIoMemory {
     Vma(VirtualArea),
     /// A contiguous aligned buffer (`DM_IO_KMEM`).
     Kmem(AlignedBuf),
+    /// `len` bytes of zeros for writes, backed by one process-wide zeroed area
+    /// that every request shares (the kernel's zero page, as `dm_kcopyd_zero`
+    /// uses it). Nothing is allocated per request.
+    ///
+    /// This memory is write-only: a read into it is rejected with
+    /// [`DmIoError::ReadIntoZeroes`], and the mutating helpers
+    /// ([`copy_from_slice`](Self::copy_from_slice), [`zero_range`](Self::zero_range),
+    /// [`for_each_slice_mut`](Self::for_each_slice_mut)) leave it unchanged.
+    ///
+    /// ```
+    /// use dmio::DmIoMemory;
+    /// let zeros = DmIoMemory::Zeroes(3 << 20);
+    /// assert_eq!(zeros.len(), 3 << 20);
+    /// assert!(zeros.to_vec().iter().all(|&b| b == 0));
+    /// ```
+    Zeroes(usize),
+}
+
+/// The size of the shared zero area behind [`DmIoMemory::Zeroes`]; longer runs
+/// repeat it. 1 MiB keeps a whole default-sized operation in one iovec.
+pub(crate) const ZERO_AREA_BYTES: usize = 1 << 20;
+
+/// The shared zero area, allocated on first use and never freed (its pages are
+/// never written, so they stay shared zero pages and cost no memory).
+fn zero_area() -> &'static AlignedBuf {
+    static AREA: std::sync::OnceLock<AlignedBuf> = std::sync::OnceLock::new();
+    AREA.get_or_init(|| AlignedBuf::new(ZERO_AREA_BYTES))
 }
 
 /// Where a walk over a bio vector stopped, so that splitting a region into many
@@ -258,6 +285,7 @@ impl DmIoMemory {
             DmIoMemory::Bvec(b) => b.len(),
             DmIoMemory::Vma(v) => v.len(),
             DmIoMemory::Kmem(k) => k.len(),
+            DmIoMemory::Zeroes(len) => *len,
         }
     }
 
@@ -273,6 +301,7 @@ impl DmIoMemory {
             DmIoMemory::Bvec(_) => "bio vector",
             DmIoMemory::Vma(_) => "virtual area",
             DmIoMemory::Kmem(_) => "contiguous buffer",
+            DmIoMemory::Zeroes(_) => "zero memory",
         }
     }
 
@@ -303,6 +332,17 @@ impl DmIoMemory {
             }
             DmIoMemory::Vma(v) => f(0, v.addr(), v.len(), 0),
             DmIoMemory::Kmem(k) => f(0, k.addr(), k.len(), 0),
+            DmIoMemory::Zeroes(len) => {
+                let base = zero_area().addr();
+                let mut pos = 0;
+                let mut i = 0;
+                while pos < *len {
+                    let n = (*len - pos).min(ZERO_AREA_BYTES);
+                    f(i, base, n, pos as u64);
+                    pos += n;
+                    i += 1;
+                }
+            }
         }
     }
 
@@ -346,6 +386,17 @@ impl DmIoMemory {
                 let addr = v.addr() + start as usize;
                 if push(iov, addr, len as usize) {
                     covered = len;
+                }
+            }
+            DmIoMemory::Zeroes(_) => {
+                let base = zero_area().addr();
+                while covered < len {
+                    let in_area = ((start + covered) % ZERO_AREA_BYTES as u64) as usize;
+                    let n = ((ZERO_AREA_BYTES - in_area) as u64).min(len - covered);
+                    if !push(iov, base + in_area, n as usize) {
+                        break;
+                    }
+                    covered += n;
                 }
             }
             DmIoMemory::PageList(list) => {
@@ -475,10 +526,22 @@ impl DmIoMemory {
             }
             DmIoMemory::Vma(v) => f(0, v),
             DmIoMemory::Kmem(k) => f(0, k),
+            DmIoMemory::Zeroes(len) => {
+                let area = zero_area();
+                let mut pos = 0;
+                while pos < *len {
+                    let n = (*len - pos).min(ZERO_AREA_BYTES);
+                    f(pos, &area[..n]);
+                    pos += n;
+                }
+            }
         }
     }
 
     /// Calls `f(position, bytes)` for each segment in I/O order, mutably.
+    ///
+    /// [`DmIoMemory::Zeroes`] is write-only and has no mutable bytes: `f` is not
+    /// called for it.
     pub fn for_each_slice_mut(&mut self, mut f: impl FnMut(usize, &mut [u8])) {
         match self {
             DmIoMemory::PageList(list) => {
@@ -504,6 +567,7 @@ impl DmIoMemory {
             }
             DmIoMemory::Vma(v) => f(0, v),
             DmIoMemory::Kmem(k) => f(0, k),
+            DmIoMemory::Zeroes(_) => {}
         }
     }
 }
