@@ -165,6 +165,21 @@ fn kind_name(ft: &std::fs::FileType) -> &'static str {
     }
 }
 
+/// Whether block device `major:minor` is a loop device backed by `file`.
+fn loop_backs_file(major: u32, minor: u32, file: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let sysfs = format!("/sys/dev/block/{major}:{minor}/loop/backing_file");
+    let Ok(backing) = std::fs::read_to_string(sysfs) else {
+        return false;
+    };
+    // The kernel appends " (deleted)" when the file was unlinked; such a file
+    // cannot be opened by path any more, so there is nothing to compare.
+    match (std::fs::metadata(backing.trim_end_matches('\n')), file.metadata()) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 fn read_sysfs_u64(path: &Path) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
@@ -384,9 +399,10 @@ impl BlockDevice {
     }
 
     /// Whether `self` and `other` are the same device: the same open device, the
-    /// same block device (major and minor) opened twice, or the same file (device
-    /// and inode) opened twice. A loop device and the file behind it are not
-    /// recognised as the same.
+    /// same block device (major and minor) opened twice, the same file (device
+    /// and inode) opened twice, or a loop device and the file behind it (from
+    /// sysfs `loop/backing_file`). Other stacking (partitions of one disk, a loop
+    /// device over a file on another loop device) is not recognised.
     ///
     /// ```
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -412,7 +428,12 @@ impl BlockDevice {
                     _ => false,
                 }
             }
-            _ => false,
+            (DeviceKind::BlockDevice { major, minor }, DeviceKind::RegularFile) => {
+                loop_backs_file(major, minor, &other.file)
+            }
+            (DeviceKind::RegularFile, DeviceKind::BlockDevice { major, minor }) => {
+                loop_backs_file(major, minor, &self.file)
+            }
         }
     }
 

@@ -69,7 +69,11 @@
 //! - **Write-zeroes refused** (`EOPNOTSUPP`) by a device that advertised it: the
 //!   job falls back to writing zeros rather than failing.
 //! - **Throttle**: a waiting I/O waits in 10 ms steps, at most about a second,
-//!   without blocking the worker (the kernel sleeps 100 ms at a time in it).
+//!   without blocking the worker (the kernel sleeps 100 ms at a time in it). As
+//!   in the kernel, the limit is on the share of time with *any* I/O in flight,
+//!   so throughput falls faster than the percentage when the gate serializes
+//!   sub-jobs that would otherwise overlap; when the gate opens, every waiting
+//!   I/O it admits goes at once to keep them overlapping.
 //! - **Panicking callbacks** are caught and counted in
 //!   [`KcopydStats::callback_panics`]; the worker goes on.
 //! - **Copy offload** is not done: the data always passes through memory (no

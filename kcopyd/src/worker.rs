@@ -466,7 +466,7 @@ impl Worker {
             read_err: false,
             write_err: ErrorBits::NONE,
             failures: Vec::new(),
-            used_write_zeroes: !is_copy && zero_op == DmIoOp::WriteZeroes,
+            used_write_zeroes: false,
             seq_next: 0,
             seq_parked: BTreeMap::new(),
             prefix: 0,
@@ -582,11 +582,15 @@ impl Worker {
         self.submit(sub);
     }
 
+    /// Lets throttled I/O go, in order. Once the gate opens, everything queued
+    /// behind the head that the gate still admits goes too, so the I/O keeps its
+    /// parallelism in the time the throttle allows.
     fn retry_throttled(&mut self) {
         let Some(throttle) = self.throttle.clone() else { return };
         let now = Instant::now();
+        let mut opened = false;
         while let Some(head) = self.throttled.front_mut() {
-            if head.next_try > now {
+            if head.next_try > now && !opened {
                 break;
             }
             head.tries += 1;
@@ -594,6 +598,7 @@ impl Worker {
                 head.next_try = now + RETRY_STEP;
                 break;
             }
+            opened = true;
             let sub = head.sub;
             self.throttled.pop_front();
             self.submit(sub);
@@ -616,7 +621,11 @@ impl Worker {
             (Stage::Write, source) => {
                 self.regions.extend(job.dests.iter().map(at));
                 if source.is_some() {
-                    DmIoRequest::write(sub.memory.take().unwrap_or(DmIoMemory::Zeroes(0)))
+                    // The pages come back with the read's completion. Without them
+                    // (the read was refused before any I/O, and IGNORE_ERROR goes
+                    // on), the chunk is written as zeros, as a failed read leaves it.
+                    let bytes = (sectors * SECTOR_SIZE) as usize;
+                    DmIoRequest::write(sub.memory.take().unwrap_or(DmIoMemory::Zeroes(bytes)))
                 } else if job.zero_op == DmIoOp::WriteZeroes {
                     DmIoRequest::write_zeroes()
                 } else {
@@ -720,6 +729,7 @@ impl Worker {
                 }
                 if write_zeroes && error_bits.is_empty() {
                     counters.write_zeroes_ops.fetch_add(1, Ordering::Relaxed);
+                    job.used_write_zeroes = true;
                 }
                 let ok = error_bits.is_empty() && !read_failed;
                 let mut stop = false;
