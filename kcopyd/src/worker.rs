@@ -224,6 +224,9 @@ struct Job {
     stopped: bool,
     /// An error happened that stops the job.
     failed: bool,
+    /// WRITE_SEQ: the offset of the first chunk that failed. No chunk from there
+    /// on is written; the chunks before it still are, in order.
+    seq_fail_at: Option<u64>,
     read_err: bool,
     write_err: ErrorBits,
     failures: Vec<RegionFailure>,
@@ -286,6 +289,9 @@ struct SubJob {
     stage: Stage,
     memory: Option<DmIoMemory>,
     read_failed: bool,
+    /// The operation of the last submission (a zero chunk may switch from
+    /// write-zeroes to writes).
+    op: DmIoOp,
 }
 
 /// A sub-job's I/O held back by the throttle.
@@ -463,6 +469,7 @@ impl Worker {
             queued: 0,
             stopped: false,
             failed: false,
+            seq_fail_at: None,
             read_err: false,
             write_err: ErrorBits::NONE,
             failures: Vec::new(),
@@ -498,9 +505,12 @@ impl Worker {
         Some((offset, sectors))
     }
 
+    /// Starts zeroing sub-jobs (no pages needed). Under WRITE_SEQ one at a time:
+    /// with no reads to overlap, that alone keeps the writes in order.
     fn start_zero_sub_jobs(&mut self, key: usize) {
         while let Some(job) = self.jobs.get(key) {
-            if job.in_flight >= SUB_JOBS_IN_FLIGHT || !job.can_claim() {
+            let limit = if job.is_seq() { 1 } else { SUB_JOBS_IN_FLIGHT };
+            if job.in_flight >= limit || !job.can_claim() {
                 break;
             }
             let Some((offset, sectors)) = self.claim(key) else { break };
@@ -511,6 +521,7 @@ impl Worker {
                 stage: Stage::Write,
                 memory: None,
                 read_failed: false,
+                op: DmIoOp::Write,
             });
             self.issue(sub);
         }
@@ -560,6 +571,7 @@ impl Worker {
                 stage: Stage::Read,
                 memory: Some(DmIoMemory::PageList(PageList::new(pages))),
                 read_failed: false,
+                op: DmIoOp::Read,
             });
             self.issue(sub);
         }
@@ -634,6 +646,7 @@ impl Worker {
             }
         };
         let op = req.op;
+        sub.op = op;
         let req = req.with_ioprio(self.ioprio).with_notify(Notify::shared(&self.handler, key));
         if let Some(t) = &self.throttle {
             t.io_start();
@@ -674,8 +687,7 @@ impl Worker {
         memory: Option<DmIoMemory>,
     ) {
         let Some(sub) = self.subs.get_mut(key) else { return };
-        let stage = sub.stage;
-        let job_key = sub.job;
+        let (stage, op, job_key) = (sub.stage, sub.op, sub.job);
         let bytes = sub.sectors * SECTOR_SIZE;
         let (offset, end) = (sub.offset, sub.offset + sub.sectors);
         let read_failed = sub.read_failed || (stage == Stage::Read && !error_bits.is_empty());
@@ -688,20 +700,22 @@ impl Worker {
         let counters = &self.shared.counters;
         match stage {
             Stage::Read => {
-                counters.bytes_read.fetch_add(bytes, Ordering::Relaxed);
-                if !error_bits.is_empty() {
+                if error_bits.is_empty() {
+                    counters.bytes_read.fetch_add(bytes, Ordering::Relaxed);
+                } else {
                     job.read_err = true;
                     job.add_failures(failures);
                     if !job.ignores_errors() {
-                        // Nothing of this chunk is written.
+                        // Nothing of this chunk is written, and no chunk after it.
                         job.failed = true;
+                        self.seq_failed_at(job_key, offset);
                         self.stop(job_key);
                         self.finish_sub(key, false);
                         return;
                     }
                 }
                 if job.is_seq() {
-                    if job.failed {
+                    if job.seq_fail_at.is_some_and(|at| offset >= at) {
                         self.finish_sub(key, false);
                     } else if offset != job.seq_next {
                         job.seq_parked.insert(offset, key);
@@ -713,10 +727,7 @@ impl Worker {
                 self.issue(key);
             }
             Stage::Write => {
-                let dests = job.dests.len() as u64;
-                counters.bytes_written.fetch_add(bytes * dests, Ordering::Relaxed);
-                let write_zeroes = job.source.is_none() && job.zero_op == DmIoOp::WriteZeroes;
-                if write_zeroes
+                if op == DmIoOp::WriteZeroes
                     && !error_bits.is_empty()
                     && failures.iter().all(RegionFailure::is_not_supported)
                 {
@@ -727,9 +738,13 @@ impl Worker {
                     self.issue(key);
                     return;
                 }
-                if write_zeroes && error_bits.is_empty() {
+                let written = job.dests.len() as u64 - u64::from(error_bits.count());
+                counters.bytes_written.fetch_add(bytes * written, Ordering::Relaxed);
+                if op == DmIoOp::WriteZeroes && error_bits.is_empty() {
                     counters.write_zeroes_ops.fetch_add(1, Ordering::Relaxed);
-                    job.used_write_zeroes = true;
+                    if job.zero_op == DmIoOp::WriteZeroes {
+                        job.used_write_zeroes = true;
+                    }
                 }
                 let ok = error_bits.is_empty() && !read_failed;
                 let mut stop = false;
@@ -746,6 +761,8 @@ impl Worker {
                     job.seq_next = end;
                 }
                 if stop {
+                    // This chunk was (partly) written; no later one may be.
+                    self.seq_failed_at(job_key, end);
                     self.stop(job_key);
                 }
                 self.finish_sub(key, ok);
@@ -756,17 +773,24 @@ impl Worker {
         }
     }
 
-    /// WRITE_SEQ: issues the parked write whose turn it is, or, after an error,
-    /// ends every parked sub-job unwritten.
-    fn release_parked(&mut self, job_key: usize) {
+    /// WRITE_SEQ: no chunk at or after `offset` may be written any more; the
+    /// parked ones there end unwritten.
+    fn seq_failed_at(&mut self, job_key: usize, offset: u64) {
         let Some(job) = self.jobs.get_mut(job_key) else { return };
-        if job.failed {
-            let parked: Vec<usize> = std::mem::take(&mut job.seq_parked).into_values().collect();
-            for sub in parked {
-                self.finish_sub(sub, false);
-            }
+        if !job.is_seq() {
             return;
         }
+        let at = job.seq_fail_at.map_or(offset, |at| at.min(offset));
+        job.seq_fail_at = Some(at);
+        let dropped: Vec<usize> = job.seq_parked.split_off(&at).into_values().collect();
+        for sub in dropped {
+            self.finish_sub(sub, false);
+        }
+    }
+
+    /// WRITE_SEQ: issues the parked write whose turn it is.
+    fn release_parked(&mut self, job_key: usize) {
+        let Some(job) = self.jobs.get_mut(job_key) else { return };
         let next = job.seq_next;
         if let Some(sub) = job.seq_parked.remove(&next) {
             self.issue(sub);
@@ -780,9 +804,6 @@ impl Worker {
         if job.queued > 0 {
             job.queued = 0;
             self.page_queue.retain(|&k| k != job_key);
-        }
-        if job.failed && !job.seq_parked.is_empty() {
-            self.release_parked(job_key);
         }
     }
 
