@@ -40,8 +40,8 @@ use crate::worker::{ClientShared, JobKind, JobSpec, Msg, TokenDone, Worker, Work
 /// long callback delays the client's other completions, as in the kernel. A
 /// callback may start new jobs (that never blocks), but must not call the
 /// blocking methods ([`copy_sync`](Self::copy_sync), [`zero_sync`](Self::zero_sync),
-/// [`flush`](Self::flush)), which return [`KcopydError::BlockingInCallback`]
-/// there. Submitting a job or completing a [`CallbackToken`] never blocks, so
+/// [`flush`](Self::flush)) of any client, which return
+/// [`KcopydError::BlockingInCallback`] there. Submitting a job or completing a [`CallbackToken`] never blocks, so
 /// both may also be done from dm-io notify callbacks.
 ///
 /// # Memory
@@ -171,6 +171,7 @@ impl KcopydClient {
         notify: impl FnOnce(JobOutcome) + Send + 'static,
     ) -> Result<JobHandle, KcopydError> {
         validate::copy(from, dests)?;
+        validate::chunking(Some(from), dests, self.sub_job_bytes)?;
         self.start(JobKind::Copy(from.clone()), dests, flags, from.byte_len(), Box::new(notify))
     }
 
@@ -189,6 +190,7 @@ impl KcopydClient {
     ) -> Result<JobHandle, KcopydError> {
         let expected = dests.first().map_or(0, |d| d.count);
         validate::destinations(dests, expected)?;
+        validate::chunking(None, dests, self.sub_job_bytes)?;
         let bytes = dests[0].byte_len();
         self.start(JobKind::Zero, dests, flags, bytes, Box::new(notify))
     }
@@ -271,12 +273,16 @@ impl KcopydClient {
 
     /// Waits for every job and prepared callback, then stops the worker
     /// (`dm_kcopyd_client_destroy`). Dropping the client does the same.
+    ///
+    /// Inside one of this client's callbacks, or inside a dm-io notify callback,
+    /// it cannot wait (the jobs need that very thread to finish): there it only
+    /// refuses new jobs, and the worker exits once the remaining jobs are done.
     pub fn destroy(self) {
         drop(self);
     }
 
     fn check_may_block(&self) -> Result<(), KcopydError> {
-        if self.shared.on_worker() || dmio::in_notify_callback() {
+        if crate::worker::in_kcopyd_callback() || dmio::in_notify_callback() {
             return Err(KcopydError::BlockingInCallback);
         }
         Ok(())
@@ -309,9 +315,11 @@ impl KcopydClient {
 impl Drop for KcopydClient {
     fn drop(&mut self) {
         self.shared.close();
-        if self.shared.on_worker() {
-            // Dropped by one of our own callbacks: the worker cannot wait for
-            // itself. It finishes the remaining jobs and exits on its own.
+        if self.shared.on_worker() || dmio::in_notify_callback() {
+            // Dropped by one of our own callbacks, or in a dm-io callback whose
+            // thread has to deliver our remaining completions: waiting here would
+            // wait for ourselves. The worker finishes the remaining jobs and exits
+            // on its own.
             self.shared.notifier.send(Msg::Shutdown);
             return;
         }

@@ -68,6 +68,17 @@ pub enum KcopydError {
         /// Why.
         source: DmIoError,
     },
+    /// A device's logical block size does not divide the client's sub-job size,
+    /// so chunks could not be aligned for it.
+    #[error("{}: its logical block size of {block_size} bytes does not divide the sub-job size of {sub_job_bytes} bytes (raise KcopydConfig::sub_job_kb)", path.display())]
+    BlockLargerThanSubJob {
+        /// The device.
+        path: PathBuf,
+        /// Its logical block size.
+        block_size: u32,
+        /// The client's sub-job size.
+        sub_job_bytes: u64,
+    },
     /// The client is shutting down and takes no new jobs.
     #[error("the kcopyd client is shutting down")]
     ClientClosed,

@@ -61,6 +61,25 @@ pub(crate) fn copy(from: &DmIoRegion, dests: &[DmIoRegion]) -> Result<(), Kcopyd
     Ok(())
 }
 
+/// Checks that every chunk boundary is aligned for every device of the job.
+pub(crate) fn chunking(
+    from: Option<&DmIoRegion>,
+    dests: &[DmIoRegion],
+    sub_job_bytes: u64,
+) -> Result<(), KcopydError> {
+    for region in from.into_iter().chain(dests) {
+        let block_size = region.device.logical_block_size();
+        if region.count > 0 && !sub_job_bytes.is_multiple_of(u64::from(block_size.max(1))) {
+            return Err(KcopydError::BlockLargerThanSubJob {
+                path: region.device.path().to_path_buf(),
+                block_size,
+                sub_job_bytes,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Whether two non-empty regions share a sector of the same device.
 fn overlap(a: &DmIoRegion, b: &DmIoRegion) -> bool {
     a.count > 0

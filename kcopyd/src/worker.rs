@@ -158,6 +158,18 @@ impl ClientShared {
     }
 }
 
+thread_local! {
+    /// Set on every kcopyd worker thread (of any client).
+    static ON_A_WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread is the worker of any kcopyd client, that is,
+/// whether this code runs inside a kcopyd callback. Blocking there would stall
+/// that client, and two clients waiting on each other would deadlock.
+pub(crate) fn in_kcopyd_callback() -> bool {
+    ON_A_WORKER.with(std::cell::Cell::get)
+}
+
 /// A minimal slab: stable keys for jobs and sub-jobs, reused after removal.
 struct Slab<T> {
     items: Vec<Option<T>>,
@@ -373,8 +385,18 @@ impl Worker {
     /// The worker thread's body.
     pub(crate) fn run(mut self) {
         let _ = self.shared.worker.set(std::thread::current().id());
+        ON_A_WORKER.with(|c| c.set(true));
         loop {
-            let first = match self.throttled.front().map(|t| t.next_try) {
+            // Wake for the throttle's next retry, and, while the page queue waits,
+            // now and then: pages handed out by `page_pool()` to others come back
+            // without a message.
+            let deadline = match (self.throttled.front(), self.page_blocked) {
+                (Some(t), true) => Some(t.next_try.min(Instant::now() + RETRY_STEP)),
+                (Some(t), false) => Some(t.next_try),
+                (None, true) => Some(Instant::now() + RETRY_STEP),
+                (None, false) => None,
+            };
+            let first = match deadline {
                 Some(deadline) => match self.rx.recv_deadline(deadline) {
                     Ok(msg) => Some(msg),
                     Err(RecvTimeoutError::Timeout) => None,
@@ -841,7 +863,8 @@ impl Worker {
         let outcome = JobOutcome {
             read_err: job.read_err,
             write_err: job.write_err,
-            cancelled: job.cancel_requested() && job.next_sector < job.total_sectors,
+            // A job that had already failed reports its error, not the cancel.
+            cancelled: job.cancel_requested() && !job.failed && job.next_sector < job.total_sectors,
             total_bytes: job.total_sectors * SECTOR_SIZE,
             bytes_done: job.bytes_done,
             completed_prefix_bytes: job.prefix * SECTOR_SIZE,

@@ -537,3 +537,81 @@ fn types_are_send_and_sync() {
     send::<kcopyd::CallbackToken>();
     send::<JobOutcome>();
 }
+
+/// Regression: dropping the last handle of a client inside a dm-io notify
+/// callback, with a job still reading, must not wait there (that thread has to
+/// deliver the job's completions); the job still finishes.
+#[test]
+fn dropping_the_client_in_a_dmio_callback_does_not_hang() {
+    let src = TestDevice::new(Backing::File, 4 * MIB);
+    let dst = TestDevice::new(Backing::File, 4 * MIB);
+    let io = Arc::new(dmio::DmIoClient::new().unwrap());
+    let kc = Arc::new(KcopydClient::with_dmio(io.clone(), KcopydConfig::new()).unwrap());
+    src.dev.faults().add(FaultRule::delay(OpSet::READ, Duration::from_millis(300)));
+    let (job_tx, job_rx) = mpsc::channel();
+    kc.copy(
+        &DmIoRegion::new(&src.dev, 0, 2048),
+        &[DmIoRegion::new(&dst.dev, 0, 2048)],
+        CopyFlags::empty(),
+        move |outcome| job_tx.send(outcome).unwrap(),
+    )
+    .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let last = kc.clone();
+    drop(kc);
+    let req = DmIoRequest::write(AlignedBuf::new(4096)).on_complete(move |_| {
+        drop(last);
+        tx.send(()).unwrap();
+    });
+    io.submit(req, &[DmIoRegion::new(&dst.dev, 4096, 8)]).unwrap();
+    rx.recv_timeout(Duration::from_secs(10)).expect("the drop in the dm-io callback hung");
+    let outcome = job_rx.recv_timeout(Duration::from_secs(10)).expect("the job never finished");
+    assert!(outcome.is_ok(), "{outcome:?}");
+}
+
+/// Regression: a job waiting for pages starts when pages taken from
+/// `page_pool()` by someone else come back, without any other message.
+#[test]
+fn a_job_waiting_for_pages_starts_when_outside_pages_come_back() {
+    let src = TestDevice::new(Backing::File, MIB);
+    let dst = TestDevice::new(Backing::File, MIB);
+    let kc = KcopydClient::with_config(KcopydConfig::new().pool_sub_jobs(1)).unwrap();
+    let mut held = Vec::new();
+    while let Some(page) = kc.page_pool().try_alloc() {
+        held.push(page);
+    }
+    let (tx, rx) = mpsc::channel();
+    kc.copy(
+        &DmIoRegion::new(&src.dev, 0, 1024),
+        &[DmIoRegion::new(&dst.dev, 0, 1024)],
+        CopyFlags::empty(),
+        move |outcome| tx.send(outcome).unwrap(),
+    )
+    .unwrap();
+    assert!(rx.recv_timeout(Duration::from_millis(200)).is_err(), "copied without pages");
+    drop(held);
+    let outcome = rx.recv_timeout(Duration::from_secs(5)).expect("the job stalled");
+    assert!(outcome.is_ok(), "{outcome:?}");
+}
+
+/// A kcopyd callback of one client may not block on another client either: two
+/// clients waiting on each other would deadlock.
+#[test]
+fn blocking_on_another_client_from_a_callback_is_refused() {
+    let dst = TestDevice::new(Backing::File, MIB);
+    let a = KcopydClient::new().unwrap();
+    let b = Arc::new(KcopydClient::new().unwrap());
+    let (tx, rx) = mpsc::channel();
+    let b2 = b.clone();
+    let target = DmIoRegion::new(&dst.dev, 0, 8);
+    let first = [target.clone()];
+    a.zero(&first, CopyFlags::empty(), move |_| {
+        let sync = b2.zero_sync(std::slice::from_ref(&target), CopyFlags::empty());
+        let flush = b2.flush();
+        tx.send((sync.err(), flush.err())).unwrap();
+    })
+    .unwrap();
+    let (sync, flush) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(matches!(sync, Some(KcopydError::BlockingInCallback)), "{sync:?}");
+    assert!(matches!(flush, Some(KcopydError::BlockingInCallback)), "{flush:?}");
+}
