@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, unbounded};
-use dmio::{DmIoClient, DmIoRegion, PAGE_SIZE, PagePool};
+use dmio::{DmIoClient, DmIoConfig, DmIoRegion, PAGE_SIZE, PagePool};
 
 use crate::config::KcopydConfig;
 use crate::error::KcopydError;
@@ -49,7 +49,11 @@ use crate::worker::{ClientShared, JobKind, JobSpec, Msg, TokenDone, Worker, Work
 /// The client owns a page pool of [`KcopydConfig::pool_sub_jobs`] sub-jobs of
 /// pages, allocated when it is created. One sub-job's worth is the reserve that
 /// guarantees progress: jobs wait for pages in FIFO order and never fail for
-/// lack of memory. Zeroing needs no pages (it writes one shared zero area, or
+/// lack of memory. Every sub-job takes a whole sub-job's run of pages, so its
+/// pages stay contiguous and each transfer is one iovec; a client that owns its
+/// dm-io client ([`new`](Self::new), [`with_config`](Self::with_config)) uses
+/// that client's registered pool, so transfers use the fixed-buffer opcodes and
+/// pin no pages. Zeroing needs no pages (it writes one shared zero area, or
 /// uses write-zeroes when every destination supports it).
 ///
 /// # Shutdown
@@ -105,25 +109,42 @@ impl KcopydClient {
         KcopydClient::with_config(KcopydConfig::default())
     }
 
-    /// A client with its own dm-io client (default dm-io configuration).
+    /// A client with its own dm-io client.
+    ///
+    /// The dm-io client's page pool becomes the kcopyd pool, so it is registered
+    /// with the ring and every sub-job's transfer uses the fixed-buffer opcodes
+    /// (no page pinning per I/O).
     pub fn with_config(config: KcopydConfig) -> Result<KcopydClient, KcopydError> {
-        config.validate()?;
-        let dmio = DmIoClient::new().map_err(KcopydError::DmIo)?;
-        KcopydClient::with_dmio(Arc::new(dmio), config)
+        let sub_job_bytes = config.validate()?;
+        let dmio_config = DmIoConfig {
+            pool_pages: pool_pages(sub_job_bytes, &config),
+            pool_extra_pages: 0,
+            ..DmIoConfig::default()
+        };
+        let dmio = DmIoClient::with_config(dmio_config).map_err(KcopydError::DmIo)?;
+        let pool = dmio.page_pool().clone();
+        KcopydClient::build(Arc::new(dmio), pool, sub_job_bytes, config)
     }
 
     /// A client issuing its I/O through `dmio`, which it may share with others.
+    /// The client allocates its own page pool (not registered with the ring).
     pub fn with_dmio(
         dmio: Arc<DmIoClient>,
         config: KcopydConfig,
     ) -> Result<KcopydClient, KcopydError> {
         let sub_job_bytes = config.validate()?;
-        let pages_per_sub_job = (sub_job_bytes as usize).div_ceil(PAGE_SIZE);
-        // Every page lives in the pool's arena, allocated once: the reserve of one
-        // sub-job is contained in it, and no page is allocated per sub-job.
-        let pool = PagePool::new(pages_per_sub_job * config.pool_sub_jobs, 0).map_err(|e| {
+        let pool = PagePool::new(pool_pages(sub_job_bytes, &config), 0).map_err(|e| {
             KcopydError::DmIo(dmio::DmIoError::Io { what: "allocating the page pool", source: e })
         })?;
+        KcopydClient::build(dmio, pool, sub_job_bytes, config)
+    }
+
+    fn build(
+        dmio: Arc<DmIoClient>,
+        pool: PagePool,
+        sub_job_bytes: u64,
+        config: KcopydConfig,
+    ) -> Result<KcopydClient, KcopydError> {
         let (tx, rx) = unbounded();
         let shared = ClientShared::new(tx);
         let worker = Worker::new(WorkerSetup {
@@ -310,6 +331,12 @@ impl KcopydClient {
         })));
         Ok(handle)
     }
+}
+
+/// The pool size in pages. Every page lives in one arena allocated up front: the
+/// reserve of one sub-job is part of it, and no page is allocated per sub-job.
+fn pool_pages(sub_job_bytes: u64, config: &KcopydConfig) -> usize {
+    (sub_job_bytes as usize).div_ceil(PAGE_SIZE) * config.pool_sub_jobs
 }
 
 impl Drop for KcopydClient {

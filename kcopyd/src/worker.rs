@@ -330,6 +330,7 @@ pub(crate) struct Worker {
     throttle: Option<Arc<Throttle>>,
     ioprio: IoPriority,
     sub_job_sectors: u64,
+    pages_per_sub_job: usize,
     jobs: Slab<Job>,
     subs: Slab<SubJob>,
     page_queue: VecDeque<usize>,
@@ -370,6 +371,7 @@ impl Worker {
             throttle: setup.throttle,
             ioprio: setup.ioprio,
             sub_job_sectors: setup.sub_job_bytes / SECTOR_SIZE,
+            pages_per_sub_job: (setup.sub_job_bytes as usize).div_ceil(PAGE_SIZE),
             jobs: Slab::new(),
             subs: Slab::new(),
             page_queue: VecDeque::new(),
@@ -564,8 +566,11 @@ impl Worker {
                 self.maybe_finish(key);
                 continue;
             }
-            let sectors = self.sub_job_sectors.min(job.total_sectors - job.next_sector);
-            let needed = (sectors * SECTOR_SIZE).div_ceil(PAGE_SIZE as u64) as usize;
+            // Always a whole sub-job's pages, even for a shorter last chunk: every
+            // allocation then takes, and every finished sub-job gives back, one
+            // whole run of the arena's free list, so each sub-job's pages stay
+            // physically contiguous and reach the kernel as one iovec.
+            let needed = self.pages_per_sub_job;
             let mut pages = Vec::with_capacity(needed);
             while pages.len() < needed {
                 match self.pool.try_alloc() {

@@ -548,3 +548,37 @@ fn ioprio_on_every_op() {
         assert_eq!(t.ioprio, prio.raw(), "{t:?}");
     }
 }
+
+/// A client that owns its dm-io client reads and writes every chunk from one
+/// contiguous run of its registered pool: every operation uses the fixed-buffer
+/// opcodes (no page pinning per I/O) when the ring accepted the registration.
+#[test]
+fn owned_dmio_client_moves_every_chunk_through_fixed_buffers() {
+    let src = TestDevice::new(Backing::File, 8 * MIB);
+    let dst = TestDevice::new(Backing::File, 8 * MIB);
+    write_pattern(&client(dmio::EngineChoice::Auto), &src.dev, 0, 16384, SRC_SEED);
+    let kc = KcopydClient::with_config(KcopydConfig::new().sub_job_kb(256)).unwrap();
+    if kc.dmio().engine() != dmio::EngineKind::Uring {
+        eprintln!("skipping: the io_uring engine is not in use");
+        return;
+    }
+    // Churn the pool first so that pages come back out of order.
+    for _ in 0..3 {
+        let outcome = kc
+            .copy_sync(
+                &DmIoRegion::new(&src.dev, 0, 16384),
+                &[DmIoRegion::new(&dst.dev, 0, 16384)],
+                CopyFlags::empty(),
+            )
+            .unwrap();
+        assert!(outcome.is_ok(), "{outcome:?}");
+    }
+    let stats = kc.dmio().stats();
+    assert_eq!(stats.ops, 3 * 2 * 32, "one read and one write per 256 KiB chunk");
+    if stats.fixed_buffer_ops == 0 {
+        eprintln!("skipping the fixed-buffer check: the ring refused the registration");
+        return;
+    }
+    assert_eq!(stats.fixed_buffer_ops, stats.ops, "some chunk was not one contiguous run");
+    expect_pattern(&dst.read_back()[..8 << 20], 0, SRC_SEED, "fixed buffers");
+}
