@@ -9,6 +9,8 @@
 //! layout (`dmio <- kcopyd <- flashcache-core`) is in place.
 #![forbid(unsafe_code)]
 
+pub mod policy;
+
 /// The dm-io layer this crate builds on, re-exported for convenience.
 pub use dmio;
 /// The copy engine this crate builds on, re-exported for convenience.
