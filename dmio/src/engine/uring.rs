@@ -27,6 +27,9 @@ const BLOCK_URING_CMD_DISCARD: u32 = 0x12 << 8;
 /// How long a batched wait holds out for its whole batch before it returns with
 /// the completions it has (`IORING_FEAT_MIN_TIMEOUT`, Linux 6.12).
 const BATCH_MIN_WAIT_US: u32 = 10;
+/// The overall bound of a batched wait (see `Wait::Batch`): long, since any
+/// completion or wake-up ends the wait first.
+const BATCH_MAX_WAIT_SECS: u64 = 60;
 /// Slots in the sparse registered-buffer table.
 const BUFFER_TABLE_SLOTS: u32 = 16;
 
@@ -298,7 +301,14 @@ impl Engine for UringEngine {
                 // Wait for a batch, but once BATCH_MIN_WAIT_US have passed, return
                 // with whatever completed: fewer sleeps and wake-ups per I/O at
                 // high queue depth, with a small bound on the added latency.
-                let args = types::SubmitArgs::new().min_wait_usec(BATCH_MIN_WAIT_US);
+                // The overall timeout matters: without one, the kernel ends the
+                // wait when the minimum expires even if nothing completed, and
+                // the thread polls every BATCH_MIN_WAIT_US. With one, it goes on
+                // sleeping until the first completion (or the timeout, which
+                // returns ETIME and is simply waited again).
+                let ts = types::Timespec::new().sec(BATCH_MAX_WAIT_SECS);
+                let args =
+                    types::SubmitArgs::new().min_wait_usec(BATCH_MIN_WAIT_US).timespec(&ts);
                 submitter.submit_with_args(n, &args)
             }
             Wait::Batch(_) => submitter.submit_and_wait(1),
