@@ -6,13 +6,21 @@
 //! decisions are plain values, so the I/O layer executes them, and tests and
 //! trace simulations run them directly, in microseconds.
 
+mod cleaning;
 mod geometry;
 pub mod replacement;
+mod sequential;
 mod set;
+mod stats;
 
+pub use cleaning::{
+    CleanLimits, CleanRun, fallow_tick, plan_cleaning, plan_fallow_cleaning, plan_full_cleaning,
+};
 pub use geometry::{Geometry, GeometryError, MAX_ASSOC, SetMapping};
 pub use replacement::{PolicyKind, Replacement, SetLinks};
+pub use sequential::{SequentialDetector, TRACKED_STREAMS};
 pub use set::{Allocation, BlockState, CacheSet, MAX_BLOCK, NIL, Way};
+pub use stats::{CacheStats, Counters};
 
 #[cfg(test)]
 mod tests;

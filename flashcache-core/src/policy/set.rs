@@ -351,6 +351,14 @@ impl CacheSet {
         }
     }
 
+    /// Every way in the order `policy` would evict it, coldest first (invalid
+    /// ways may appear; callers filter by state).
+    pub fn coldest_first(&mut self, policy: &dyn Replacement) -> Vec<Way> {
+        let mut out = Vec::with_capacity(self.slots.len());
+        policy.coldest_first(&self.links(), &mut out);
+        out
+    }
+
     fn links(&mut self) -> SetLinks<'_> {
         SetLinks::new(&mut self.lists, &mut self.slots)
     }

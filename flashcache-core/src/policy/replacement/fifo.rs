@@ -21,6 +21,12 @@ impl Replacement for Fifo {
 
     fn removed(&self, _set: &mut SetLinks<'_>, _way: Way) {}
 
+    fn coldest_first(&self, set: &SetLinks<'_>, out: &mut Vec<Way>) {
+        let ways = set.ways();
+        let start = usize::from(set.cursor()) % ways;
+        out.extend((0..ways).map(|i| ((start + i) % ways) as Way));
+    }
+
     fn victim(&self, set: &mut SetLinks<'_>) -> Option<Way> {
         let ways = set.ways();
         let start = usize::from(set.cursor()) % ways;

@@ -205,6 +205,19 @@ pub trait Replacement: Send + Sync + fmt::Debug {
     /// The way to evict, among [`evictable`](SetLinks::evictable) ones; `None`
     /// when none is. The set then calls [`removed`](Self::removed) for it.
     fn victim(&self, set: &mut SetLinks<'_>) -> Option<Way>;
+    /// Appends the set's ways in the order the policy would evict them, coldest
+    /// first (cleaning picks dirty blocks in this order, so that the blocks it
+    /// makes clean are the next victims). The default walks list 0, then list
+    /// 1, from tail to head.
+    fn coldest_first(&self, set: &SetLinks<'_>, out: &mut Vec<Way>) {
+        for list in 0..2 {
+            let mut at = set.tail(list);
+            while let Some(way) = at {
+                out.push(way);
+                at = set.newer(way);
+            }
+        }
+    }
 }
 
 /// The policies this crate provides, with their parameters.
