@@ -91,6 +91,8 @@ pub enum Allocation {
     /// Every way is dirty, busy or pinned: the I/O goes uncached (flashcache's
     /// `noroom`).
     NoRoom,
+    /// The block was cached already, in this way; nothing changed.
+    AlreadyCached(Way),
 }
 
 impl Allocation {
@@ -98,7 +100,7 @@ impl Allocation {
     pub fn way(self) -> Option<Way> {
         match self {
             Allocation::Free(way) | Allocation::Replaced { way, .. } => Some(way),
-            Allocation::NoRoom => None,
+            Allocation::NoRoom | Allocation::AlreadyCached(_) => None,
         }
     }
 }
@@ -215,11 +217,18 @@ impl CacheSet {
         policy.accessed(&mut self.links(), way);
     }
 
-    /// Finds a way for disk block `block` (which must not be cached already):
-    /// an invalid way first, else the policy's victim among clean, idle,
-    /// unpinned blocks. The way becomes a valid, clean block for `block`.
+    /// Finds a way for disk block `block`: an invalid way first, else the
+    /// policy's victim among clean, idle, unpinned blocks. The way becomes a
+    /// valid, clean block for `block`. A block already cached is left alone
+    /// ([`Allocation::AlreadyCached`]). Blocks above [`MAX_BLOCK`] are refused
+    /// ([`Allocation::NoRoom`]).
     pub fn allocate(&mut self, policy: &dyn Replacement, block: u64) -> Allocation {
-        debug_assert!(self.lookup(block).is_none(), "block {block} is already cached");
+        if let Some(way) = self.lookup(block) {
+            return Allocation::AlreadyCached(way);
+        }
+        if block > MAX_BLOCK {
+            return Allocation::NoRoom;
+        }
         let allocation = if self.free_head != NIL {
             let way = self.free_head;
             self.free_head = self.slots[usize::from(way)].next;
@@ -229,7 +238,7 @@ impl CacheSet {
         };
         let Some(way) = allocation.way() else { return Allocation::NoRoom };
         let slot = &mut self.slots[usize::from(way)];
-        slot.set_block(block & MAX_BLOCK);
+        slot.set_block(block);
         slot.set_state(BlockState::VALID);
         slot.meta = 0;
         slot.prev = NIL;

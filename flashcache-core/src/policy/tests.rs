@@ -232,6 +232,7 @@ proptest! {
                             && cached.values().all(|&(dirty, busy)| dirty || busy);
                         match set.allocate(&*policy, block) {
                             Allocation::NoRoom => prop_assert!(all_stuck, "no room while a block was evictable"),
+                            Allocation::AlreadyCached(_) => prop_assert!(false, "lookup missed a cached block"),
                             Allocation::Free(_) => { cached.insert(block, (false, false)); }
                             Allocation::Replaced { old_block, .. } => {
                                 let (dirty, busy) = cached.remove(&old_block).unwrap_or((true, true));
@@ -273,4 +274,16 @@ fn index_memory_is_at_most_16_bytes_per_block() {
         let per_block = CacheSet::index_bytes(ways) as f64 / ways as f64;
         assert!(per_block <= 16.0, "{ways} ways: {per_block} bytes per block");
     }
+}
+
+#[test]
+fn allocating_a_cached_block_or_one_beyond_48_bits_changes_nothing() {
+    let lru = PolicyKind::Lru.build();
+    let mut set = CacheSet::new(4);
+    let way = set.allocate(&*lru, 7).way().unwrap();
+    assert_eq!(set.allocate(&*lru, 7), Allocation::AlreadyCached(way));
+    assert_eq!(set.allocate(&*lru, MAX_BLOCK + 1), Allocation::NoRoom);
+    assert_eq!(set.nr_valid(), 1);
+    let top = set.allocate(&*lru, MAX_BLOCK).way().unwrap();
+    assert_eq!(set.block(top), Some(MAX_BLOCK));
 }

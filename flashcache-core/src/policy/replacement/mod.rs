@@ -44,6 +44,10 @@ impl Default for Lists {
 /// bits, a hand and a cursor. Lists are ordered from head (newest) to tail
 /// (oldest); [`older`](Self::older) walks toward the tail, [`newer`](Self::newer)
 /// toward the head.
+///
+/// The set only ever hands a policy its own valid ways; the methods panic on a
+/// way outside the set or a list other than 0 and 1, which would be a bug in
+/// the policy.
 pub struct SetLinks<'a> {
     lists: &'a mut Lists,
     slots: &'a mut [Slot],
