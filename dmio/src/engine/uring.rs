@@ -307,8 +307,7 @@ impl Engine for UringEngine {
                 // sleeping until the first completion (or the timeout, which
                 // returns ETIME and is simply waited again).
                 let ts = types::Timespec::new().sec(BATCH_MAX_WAIT_SECS);
-                let args =
-                    types::SubmitArgs::new().min_wait_usec(BATCH_MIN_WAIT_US).timespec(&ts);
+                let args = types::SubmitArgs::new().min_wait_usec(BATCH_MIN_WAIT_US).timespec(&ts);
                 submitter.submit_with_args(n, &args)
             }
             Wait::Batch(_) => submitter.submit_and_wait(1),
