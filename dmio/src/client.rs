@@ -442,28 +442,78 @@ impl DmIoClient {
         notify: Notify,
         regions: &[DmIoRegion],
     ) -> Result<(), DmIoError> {
-        validate(&req, regions, self.max_op_bytes)?;
+        self.dispatch_or_return(req, notify, regions).map_err(|refused| refused.0)
+    }
+
+    /// Like [`submit`](Self::submit), but a refused request comes back whole
+    /// (memory and notify included) instead of being dropped, so that the caller
+    /// can retry it elsewhere: the way to submit from a notify callback, where a
+    /// full reserve gives [`DmIoError::NoSlotInCallback`].
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let file = tempfile::NamedTempFile::new_in(std::env::temp_dir())?;
+    /// # file.as_file().set_len(1 << 20)?;
+    /// let dev = dmio::BlockDevice::open(file.path())?;
+    /// let client = dmio::DmIoClient::new()?;
+    /// let req = dmio::DmIoRequest::write(dmio::AlignedBuf::new(4096)).on_complete(|_| {});
+    /// // A region beyond the end of the device: refused, and the request comes back.
+    /// let refused = client.try_submit(req, &[dmio::DmIoRegion::new(&dev, 4096, 8)]).unwrap_err();
+    /// assert!(matches!(refused.error, dmio::DmIoError::OutOfRange { .. }));
+    /// assert_eq!(refused.request.memory.map(|m| m.len()), Some(4096));
+    /// # Ok(()) }
+    /// ```
+    pub fn try_submit(
+        &self,
+        mut req: DmIoRequest,
+        regions: &[DmIoRegion],
+    ) -> Result<(), Box<SubmitRefused>> {
+        let Some(notify) = req.notify.take() else {
+            return Err(Box::new(SubmitRefused { error: DmIoError::MissingNotify, request: req }));
+        };
+        self.dispatch_or_return(req, notify, regions).map_err(|refused| {
+            let (error, mut request, notify) = *refused;
+            request.notify = Some(notify);
+            Box::new(SubmitRefused { error, request })
+        })
+    }
+
+    fn dispatch_or_return(
+        &self,
+        req: DmIoRequest,
+        notify: Notify,
+        regions: &[DmIoRegion],
+    ) -> Result<(), Box<(DmIoError, DmIoRequest, Notify)>> {
+        if let Err(e) = validate(&req, regions, self.max_op_bytes) {
+            return Err(Box::new((e, req, notify)));
+        }
         let shared = &self.shared;
         if shared.closed.load(Ordering::Acquire) {
-            return Err(DmIoError::ClientClosed);
+            return Err(Box::new((DmIoError::ClientClosed, req, notify)));
         }
         let on_thread = self.on_completion_thread();
-        let mut slot = if on_thread {
-            shared.free_rx.try_recv().map_err(|_| DmIoError::NoSlotInCallback)?
+        let slot = if on_thread {
+            shared.free_rx.try_recv().map_err(|_| DmIoError::NoSlotInCallback)
         } else {
-            self.wait_for_slot()?
+            self.wait_for_slot()
+        };
+        let mut slot = match slot {
+            Ok(slot) => slot,
+            Err(e) => return Err(Box::new((e, req, notify))),
         };
         if shared.closed.load(Ordering::Acquire) {
             let _ = shared.free_tx.try_send(slot);
             shared.wake();
-            return Err(DmIoError::ClientClosed);
+            return Err(Box::new((DmIoError::ClientClosed, req, notify)));
         }
         slot.fill(req, notify, regions);
         if let Err(e) = shared.inbox_tx.try_send(slot) {
-            // Cannot happen: the inbox has room for every slot. Give the slot back.
-            let slot = e.into_inner();
+            // Cannot happen: the inbox has room for every slot. Give the slot back,
+            // and the request to the caller.
+            let mut slot = e.into_inner();
+            let (req, notify) = slot.take_request();
             let _ = shared.free_tx.try_send(slot.reset_for_reuse());
-            return Err(DmIoError::ClientClosed);
+            return Err(Box::new((DmIoError::ClientClosed, req, notify)));
         }
         if !on_thread && shared.sleeping.swap(false, Ordering::SeqCst) {
             shared.wake();
@@ -485,6 +535,15 @@ impl DmIoClient {
             }
         }
     }
+}
+
+/// A request [`DmIoClient::try_submit`] refused, handed back whole.
+#[derive(Debug)]
+pub struct SubmitRefused {
+    /// Why it was refused.
+    pub error: DmIoError,
+    /// The request, with its memory and notify.
+    pub request: DmIoRequest,
 }
 
 impl Drop for DmIoClient {

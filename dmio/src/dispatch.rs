@@ -114,6 +114,16 @@ impl RequestSlot {
         self.progress = Progress::default();
     }
 
+    /// Takes the request back out of a filled slot.
+    pub(crate) fn take_request(&mut self) -> (DmIoRequest, Notify) {
+        let mut req = DmIoRequest::new(self.op);
+        req.flags = self.flags;
+        req.ioprio = crate::request::IoPriority::from_raw(self.ioprio);
+        req.memory = self.memory.take();
+        let notify = self.notify.take().unwrap_or_else(|| Notify::new(|_| {}));
+        (req, notify)
+    }
+
     /// Empties the slot (dropping any request it held).
     pub(crate) fn reset_for_reuse(mut self: Box<Self>) -> Box<Self> {
         self.regions.clear();

@@ -146,7 +146,7 @@ mod region;
 mod request;
 mod sys;
 
-pub use client::{ClientStats, DmIoClient, DmIoConfig, in_notify_callback};
+pub use client::{ClientStats, DmIoClient, DmIoConfig, SubmitRefused, in_notify_callback};
 pub use device::{
     AlignmentSource, BlockDevice, DeviceInfo, DeviceKind, DeviceOptions, SECTOR_SIZE,
 };

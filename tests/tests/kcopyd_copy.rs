@@ -582,3 +582,29 @@ fn owned_dmio_client_moves_every_chunk_through_fixed_buffers() {
     assert_eq!(stats.fixed_buffer_ops, stats.ops, "some chunk was not one contiguous run");
     expect_pattern(&dst.read_back()[..8 << 20], 0, SRC_SEED, "fixed buffers");
 }
+
+/// With a single dm-io request slot, a chunk's write cannot be submitted from
+/// its read's callback (the read still holds the slot): dm-io hands the request
+/// back and the worker submits the write instead. Every chunk still arrives.
+#[test]
+fn chunk_writes_fall_back_to_the_worker_when_no_slot_is_free_in_the_callback() {
+    for backing in backings() {
+        let src = TestDevice::new(backing, 4 * MIB);
+        let dst = TestDevice::new(backing, 4 * MIB);
+        write_pattern(&client(dmio::EngineChoice::Auto), &src.dev, 0, 4096, SRC_SEED);
+        let config = dmio::DmIoConfig { reserve: 1, ..dmio::DmIoConfig::default() };
+        let io = Arc::new(dmio::DmIoClient::with_config(config).unwrap());
+        let kc = KcopydClient::with_dmio(io, KcopydConfig::new().sub_job_kb(64)).unwrap();
+        let outcome = kc
+            .copy_sync(
+                &DmIoRegion::new(&src.dev, 0, 4096),
+                &[DmIoRegion::new(&dst.dev, 0, 4096)],
+                CopyFlags::empty(),
+            )
+            .unwrap();
+        assert!(outcome.is_ok(), "{backing}: {outcome:?}");
+        assert_eq!(kc.stats().bytes_read, 2 * MIB, "{backing}");
+        assert_eq!(kc.stats().bytes_written, 2 * MIB, "{backing}");
+        expect_pattern(&dst.read_back()[..2 << 20], 0, SRC_SEED, &format!("{backing}"));
+    }
+}
