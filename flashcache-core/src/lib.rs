@@ -10,8 +10,12 @@
 //!    flashcache's segmented LRU, SIEVE; switchable at run time), cleaning
 //!    decisions (dirty threshold, fallow clock, merged runs in disk order), the
 //!    sequential-stream detector and the counters. Decisions are plain values.
-//! 2. **The I/O layer** on [`dmio`] and [`kcopyd`], which executes them: not
-//!    written yet (see the project's issue tracker).
+//! 2. **The I/O layer** on [`dmio`] and [`kcopyd`], which executes them. So far
+//!    only [`setup`] exists: creating a cache's superblock (refusing an existing
+//!    cache unless forced), loading it (refusing a device that is no cache, a
+//!    cache of another disk or of a resized one, a newer format, a corrupt or
+//!    unstable superblock) and destroying it. Reads, writes and cleaning are
+//!    still to come (see the project's issue tracker).
 //!
 //! Beside them: the on-SSD format ([`mod@format`]: superblock, metadata slots,
 //! layout) and trace simulation ([`sim`]), which replays block traces through the
@@ -36,6 +40,7 @@
 
 pub mod format;
 pub mod policy;
+pub mod setup;
 pub mod sim;
 
 /// The dm-io layer this crate builds on, re-exported for convenience.
