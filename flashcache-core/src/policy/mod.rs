@@ -12,6 +12,7 @@ pub mod replacement;
 mod sequential;
 mod set;
 mod stats;
+mod tunables;
 
 pub use cleaning::{
     CleanLimits, CleanRun, fallow_tick, plan_cleaning, plan_fallow_cleaning, plan_full_cleaning,
@@ -21,6 +22,7 @@ pub use replacement::{PolicyKind, Replacement, SetLinks};
 pub use sequential::{SequentialDetector, TRACKED_STREAMS};
 pub use set::{Allocation, BlockState, CacheSet, MAX_BLOCK, NIL, Way};
 pub use stats::{CacheStats, Counters};
+pub use tunables::{TunableError, Tunables};
 
 #[cfg(test)]
 mod tests;
