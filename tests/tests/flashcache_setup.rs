@@ -135,3 +135,21 @@ fn bad_create_options_are_refused_before_anything_is_written() {
     let writes = ssd.dev.faults().take_trace().iter().filter(|op| op.op.is_write()).count();
     assert_eq!(writes, 0, "a refused create wrote to the SSD");
 }
+
+/// A superblock left Unstable (a metadata write failed at shutdown) is refused:
+/// its slots cannot be trusted.
+#[test]
+fn load_refuses_an_unstable_cache() {
+    let ssd = TestDevice::new(Backing::File, 8 * MIB);
+    let disk = TestDevice::new(Backing::File, 8 * MIB);
+    let io = dmio();
+    let mut sb = setup::create(&io, &ssd.dev, &disk.dev, &CreateOptions::default()).unwrap();
+    sb.state = SbState::Unstable;
+    let mut region = vec![0u8; 4096];
+    region[..512].copy_from_slice(&sb.encode());
+    assert!(write_at(&io, &ssd.dev, 0, &region, dmio::ReqFlags::empty()).is_ok());
+    let err = setup::load(&io, &ssd.dev, &disk.dev).unwrap_err();
+    assert!(matches!(err, SetupError::Unstable { .. }), "{err}");
+    // Nothing was changed by the refusal.
+    assert_eq!(setup::read_superblock(&io, &ssd.dev).unwrap().state, SbState::Unstable);
+}

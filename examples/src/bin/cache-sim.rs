@@ -10,7 +10,6 @@
 //! On any failure it exits with status 1 and one line `cache-sim: <reason>`
 //! on stderr (clap's usage errors exit with status 2).
 
-use std::error::Error;
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
@@ -236,24 +235,9 @@ fn parse_block_size(text: &str) -> Result<u32, String> {
     Ok((bytes / 512) as u32)
 }
 
-/// The error of a failed run: one line for stderr.
-type Failure = String;
-
-/// An error and its sources on one line, skipping sources whose text the
-/// message already contains.
-fn error_line(err: &dyn Error) -> String {
-    let mut line = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        source = s.source();
-    }
-    line
-}
+#[path = "../shared/errors.rs"]
+mod errors;
+use errors::{Failure, error_line};
 
 /// Where the trace came from, for the report.
 enum Source {

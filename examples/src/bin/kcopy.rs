@@ -11,7 +11,6 @@
 //! On any failure it exits with status 1 and one line `kcopy: <reason>` on
 //! stderr (clap's usage errors exit with status 2).
 
-use std::error::Error;
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -122,23 +121,9 @@ fn parse_size(text: &str) -> Result<u64, String> {
     value.checked_mul(1u64 << shift).ok_or_else(|| format!("{text} is too large"))
 }
 
-/// The error of a failed run: one line for stderr.
-type Failure = String;
-
-/// An error and its sources on one line, skipping sources whose text the message
-/// already contains.
-fn error_line(err: &dyn Error) -> String {
-    let mut line = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !line.contains(&text) {
-            let _ = write!(line, ": {text}");
-        }
-        source = s.source();
-    }
-    line.replace('\n', " ")
-}
+#[path = "../shared/errors.rs"]
+mod errors;
+use errors::{Failure, error_line};
 
 /// `bytes` as a human-readable binary size.
 fn human(bytes: u64) -> String {
@@ -620,6 +605,7 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::error::Error;
 
     #[test]
     fn sizes_with_binary_suffixes() {
