@@ -38,6 +38,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod cache;
 pub mod format;
 pub mod policy;
 pub mod setup;

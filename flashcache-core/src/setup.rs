@@ -348,7 +348,7 @@ pub fn read_superblock(
     })
 }
 
-fn write_superblock(
+pub(crate) fn write_superblock(
     dmio: &DmIoClient,
     ssd: &Arc<BlockDevice>,
     sb: &Superblock,

@@ -156,6 +156,67 @@ impl CacheSet {
         }
     }
 
+    /// A set rebuilt from recovered metadata: each entry `(way, block, dirty)`
+    /// puts `block` in `way`, valid and dirty or clean. Entries naming a way out
+    /// of range, a way already used, a block already placed or a block above
+    /// [`MAX_BLOCK`] are skipped and returned, so the caller can report them.
+    /// Every other way is free; the policy sees the blocks in way order.
+    ///
+    /// ```
+    /// use flashcache_core::policy::{CacheSet, PolicyKind};
+    /// let fifo = PolicyKind::Fifo.build();
+    /// let (set, rejected) = CacheSet::restore(4, &*fifo, &[(2, 70, true), (0, 9, false), (1, 70, false)]);
+    /// assert_eq!((set.lookup(70), set.lookup(9), set.nr_dirty()), (Some(2), Some(0), 1));
+    /// assert_eq!(rejected, vec![(1, 70, false)]);
+    /// ```
+    pub fn restore(
+        ways: usize,
+        policy: &dyn Replacement,
+        entries: &[(Way, u64, bool)],
+    ) -> (CacheSet, Vec<(Way, u64, bool)>) {
+        let mut set = CacheSet::new(ways);
+        let mut rejected = Vec::new();
+        for &(way, block, dirty) in entries {
+            let usable = usize::from(way) < set.slots.len()
+                && block <= MAX_BLOCK
+                && !set.slots[usize::from(way)].state().contains(BlockState::VALID)
+                && set.lookup(block).is_none();
+            if !usable {
+                rejected.push((way, block, dirty));
+                continue;
+            }
+            let bucket = set.bucket(block);
+            let slot = &mut set.slots[usize::from(way)];
+            slot.set_block(block);
+            slot.set_state(if dirty {
+                BlockState::VALID | BlockState::DIRTY
+            } else {
+                BlockState::VALID
+            });
+            slot.chain = set.buckets[bucket];
+            set.buckets[bucket] = way;
+            set.nr_valid += 1;
+            set.nr_dirty += u32::from(dirty);
+        }
+        // The free list: every invalid way, in way order.
+        set.free_head = NIL;
+        for i in (0..set.slots.len()).rev() {
+            let slot = &mut set.slots[i];
+            slot.prev = NIL;
+            if slot.state().contains(BlockState::VALID) {
+                slot.next = NIL;
+            } else {
+                slot.next = set.free_head;
+                set.free_head = i as Way;
+            }
+        }
+        let valid: Vec<Way> = set.valid_ways().collect();
+        for way in valid {
+            policy.inserted(&mut set.links(), way);
+        }
+        (set, rejected)
+    }
+
     /// Bytes of memory the index of a set of `ways` blocks takes: the slots and
     /// the lookup buckets (per-set constants not included).
     pub fn index_bytes(ways: usize) -> usize {
@@ -270,6 +331,40 @@ impl CacheSet {
         if self.block(way).is_some() {
             self.remove(policy, way);
         }
+    }
+
+    /// Drops a block from the cache but keeps its way off the free list: the
+    /// way is invalid, yet not reused until [`release_held`](Self::release_held)
+    /// (its durable metadata may still name the old block as dirty, and a crash
+    /// must not find another block's data under that name).
+    pub fn invalidate_held(&mut self, policy: &dyn Replacement, way: Way) {
+        if self.block(way).is_none() {
+            return;
+        }
+        self.remove(policy, way);
+        // `remove` put the way on the free list; take it back off and mark it held.
+        self.free_head = self.slots[usize::from(way)].next;
+        let slot = &mut self.slots[usize::from(way)];
+        slot.next = NIL;
+        slot.set_state(BlockState::PINNED);
+    }
+
+    /// Whether `way` is held off the free list by
+    /// [`invalidate_held`](Self::invalidate_held).
+    pub fn is_held(&self, way: Way) -> bool {
+        self.slots.get(usize::from(way)).is_some_and(|s| s.state() == BlockState::PINNED)
+    }
+
+    /// Puts a way held by [`invalidate_held`](Self::invalidate_held) back on the
+    /// free list; any other way is left alone.
+    pub fn release_held(&mut self, way: Way) {
+        if !self.is_held(way) {
+            return;
+        }
+        let slot = &mut self.slots[usize::from(way)];
+        *slot = Slot::EMPTY;
+        slot.next = self.free_head;
+        self.free_head = way;
     }
 
     fn remove(&mut self, policy: &dyn Replacement, way: Way) {

@@ -1,0 +1,186 @@
+//! One set's share of the cache: its bookkeeping behind its own mutex, and
+//! per-block locks so that I/O on one disk block never races another on the
+//! same block (a read-miss fill against a write, a write against cleaning).
+//!
+//! Locks are per set, never global: I/O to different sets never waits on each
+//! other. Within a set, a block lock is held across the block's I/O, while the
+//! set's mutex is only held for bookkeeping (never across I/O).
+
+use std::collections::HashMap;
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use crate::policy::{CacheSet, Counters, Replacement, Way};
+
+/// How a block is locked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// Reading the cached copy (many at once).
+    Shared,
+    /// Anything that changes the block's data or cache state: writes, fills,
+    /// cleaning, invalidation, uncached disk I/O that must not race a fill.
+    Exclusive,
+}
+
+/// The holders of one disk block's lock.
+#[derive(Clone, Copy, Debug, Default)]
+struct BlockLock {
+    readers: u32,
+    writer: bool,
+}
+
+/// A set's bookkeeping, behind the shard's mutex.
+pub(crate) struct SetState {
+    /// The blocks, their states and the replacement lists.
+    pub(crate) set: CacheSet,
+    /// The set's replacement policy (switchable at run time).
+    pub(crate) policy: Box<dyn Replacement>,
+    /// Locked disk blocks of this set (cached or not).
+    locks: HashMap<u64, BlockLock>,
+    /// Cleaning writes in flight for this set.
+    pub(crate) clean_ios: u32,
+}
+
+impl SetState {
+    /// Takes `block`'s lock without waiting, if free (for cleaning, which skips
+    /// busy blocks rather than waiting for them).
+    pub(crate) fn try_lock_exclusive(&mut self, block: u64) -> bool {
+        if self.locks.contains_key(&block) {
+            return false;
+        }
+        self.locks.insert(block, BlockLock { readers: 0, writer: true });
+        self.mark_busy(block, true);
+        true
+    }
+
+    fn mark_busy(&mut self, block: u64, busy: bool) {
+        if let Some(way) = self.set.lookup(block) {
+            self.set.set_busy(way, busy);
+        }
+    }
+
+    /// The way holding `block`, if cached; marks it busy when a lock is held on
+    /// the block (a block allocated while locked becomes busy here).
+    pub(crate) fn lookup_locked(&mut self, block: u64) -> Option<Way> {
+        let way = self.set.lookup(block)?;
+        if self.locks.contains_key(&block) {
+            self.set.set_busy(way, true);
+        }
+        Some(way)
+    }
+}
+
+/// One set: bookkeeping, a condition variable for block-lock waiters, and a
+/// mutex that serializes the set's metadata commits (so an older snapshot of
+/// the set's slots can never land after a newer one).
+pub(crate) struct Shard {
+    state: Mutex<SetState>,
+    released: Condvar,
+    pub(crate) commit: Mutex<()>,
+}
+
+impl Shard {
+    pub(crate) fn new(set: CacheSet, policy: Box<dyn Replacement>) -> Shard {
+        Shard {
+            state: Mutex::new(SetState { set, policy, locks: HashMap::new(), clean_ios: 0 }),
+            released: Condvar::new(),
+            commit: Mutex::new(()),
+        }
+    }
+
+    /// The set's bookkeeping. A poisoned mutex is taken over: every update
+    /// under it is a few field writes that leave the set consistent.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, SetState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The commit mutex.
+    pub(crate) fn lock_commit(&self) -> MutexGuard<'_, ()> {
+        self.commit.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until `block` can be locked for `access`, locks it, and returns the
+    /// set's bookkeeping still locked. Counts a `pending_enqueues` when it had
+    /// to wait.
+    pub(crate) fn acquire(
+        &self,
+        block: u64,
+        access: Access,
+        counters: &Counters,
+    ) -> MutexGuard<'_, SetState> {
+        let mut state = self.lock();
+        let mut counted = false;
+        loop {
+            let held = state.locks.get(&block).copied().unwrap_or_default();
+            let free = match access {
+                Access::Shared => !held.writer,
+                Access::Exclusive => !held.writer && held.readers == 0,
+            };
+            if free {
+                let entry = state.locks.entry(block).or_default();
+                match access {
+                    Access::Shared => entry.readers += 1,
+                    Access::Exclusive => entry.writer = true,
+                }
+                state.mark_busy(block, true);
+                return state;
+            }
+            if !counted {
+                Counters::bump(&counters.pending_enqueues);
+                counted = true;
+            }
+            state = self.released.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Releases one hold of `block`'s lock (with the bookkeeping locked).
+    pub(crate) fn release_locked(&self, state: &mut SetState, block: u64, access: Access) {
+        let Some(entry) = state.locks.get_mut(&block) else { return };
+        match access {
+            Access::Shared => entry.readers = entry.readers.saturating_sub(1),
+            Access::Exclusive => entry.writer = false,
+        }
+        if entry.readers == 0 && !entry.writer {
+            state.locks.remove(&block);
+            state.mark_busy(block, false);
+        }
+        self.released.notify_all();
+    }
+
+    /// Releases one hold of `block`'s lock.
+    pub(crate) fn release(&self, block: u64, access: Access) {
+        let mut state = self.lock();
+        self.release_locked(&mut state, block, access);
+    }
+}
+
+/// A held block lock, released on drop (so every error path lets go).
+pub(crate) struct BlockGuard<'a> {
+    shard: &'a Shard,
+    block: u64,
+    access: Access,
+}
+
+impl<'a> BlockGuard<'a> {
+    /// Takes `block`'s lock, waiting as needed, and returns the guard and the
+    /// set's bookkeeping (still locked: drop it before any I/O).
+    pub(crate) fn acquire(
+        shard: &'a Shard,
+        block: u64,
+        access: Access,
+        counters: &Counters,
+    ) -> (BlockGuard<'a>, MutexGuard<'a, SetState>) {
+        let state = shard.acquire(block, access, counters);
+        (BlockGuard { shard, block, access }, state)
+    }
+
+    /// A guard for a lock already taken with [`SetState::try_lock_exclusive`].
+    pub(crate) fn adopt(shard: &'a Shard, block: u64) -> BlockGuard<'a> {
+        BlockGuard { shard, block, access: Access::Exclusive }
+    }
+}
+
+impl Drop for BlockGuard<'_> {
+    fn drop(&mut self) {
+        self.shard.release(self.block, self.access);
+    }
+}
