@@ -175,7 +175,7 @@ impl Inner {
     /// Plans runs for `set` with `plan` and locks their blocks, in one hold of
     /// the set's mutex (the planner never picks a busy block, so every lock is
     /// free).
-    fn lock_runs(
+    pub(crate) fn lock_runs(
         &self,
         set: u32,
         plan: impl FnOnce(&mut super::shard::SetState) -> Vec<CleanRun>,
@@ -201,7 +201,7 @@ impl Inner {
 
     /// Cleans locked runs of `set`, then commits the set so the cleaned blocks
     /// can be evicted. Returns (cleaned, failed) block counts.
-    fn clean_runs(&self, set: u32, runs: Vec<LockedRun>, fallow: bool) -> (u64, u64) {
+    pub(crate) fn clean_runs(&self, set: u32, runs: Vec<LockedRun>, fallow: bool) -> (u64, u64) {
         let shard = &self.shards[set as usize];
         let (mut cleaned, mut failed) = (0u64, 0u64);
         for LockedRun { run } in runs {

@@ -55,6 +55,8 @@ mod error;
 mod io_path;
 mod metadata;
 mod shard;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};

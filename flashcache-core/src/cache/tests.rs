@@ -1,0 +1,126 @@
+//! White-box checks of the crash-safety rules that a black-box power-loss test
+//! only hits by chance: a way whose durable slot names a dirty block is never
+//! given to another block before a commit rewrote that slot.
+
+use std::sync::Arc;
+
+use dmio::{BlockDevice, SECTOR_SIZE};
+
+use super::Cache;
+use crate::format::{CacheMode, CommitMode, SlotState};
+use crate::policy::plan_full_cleaning;
+use crate::setup::CreateOptions;
+
+/// A one-set cache of 64 blocks on files, with its background thread stopped
+/// (so nothing commits behind the test's back).
+fn one_set_cache(dir: &tempfile::TempDir) -> (Cache, Arc<BlockDevice>) {
+    let ssd_path = dir.path().join("ssd");
+    let disk_path = dir.path().join("disk");
+    // Superblock 4 KiB + one 4 KiB metadata block + 64 blocks of 4 KiB.
+    std::fs::File::create(&ssd_path).unwrap().set_len(8192 + 64 * 4096).unwrap();
+    std::fs::File::create(&disk_path).unwrap().set_len(4 << 20).unwrap();
+    let ssd = BlockDevice::open(&ssd_path).unwrap();
+    let disk = BlockDevice::open(&disk_path).unwrap();
+    let options = CreateOptions {
+        mode: CacheMode::WriteBack,
+        commit: CommitMode::OnFlush,
+        assoc: 64,
+        disk_assoc_blocks: 0,
+        ..CreateOptions::default()
+    };
+    let mut cache = Cache::create(ssd.clone(), disk, &options).unwrap();
+    assert_eq!(cache.geometry().num_sets(), 1);
+    cache.stop_thread();
+    (cache, ssd)
+}
+
+/// The slots as they are on the SSD: (way, block, state).
+fn durable_slots(cache: &Cache, ssd: &Arc<BlockDevice>) -> Vec<(u16, u64, SlotState)> {
+    let layout = cache.inner.layout;
+    let bytes = cache
+        .inner
+        .io
+        .read(
+            super::Device::Ssd,
+            layout.md_start() / SECTOR_SIZE,
+            layout.md_block_bytes() as usize,
+            &cache.inner.counters,
+        )
+        .unwrap();
+    let _ = ssd;
+    let decoded = layout.decode_md_block(0, &bytes).unwrap();
+    decoded.records().map(|(i, r)| (i as u16, r.block, r.state)).collect()
+}
+
+#[test]
+fn cleaned_blocks_keep_their_way_until_the_clean_slot_is_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, ssd) = one_set_cache(&dir);
+    let block = vec![0x5au8; 4096];
+    for b in 0..64u64 {
+        cache.write(b * 8, &block).unwrap();
+    }
+    cache.flush().unwrap();
+    assert_eq!(durable_slots(&cache, &ssd).iter().filter(|s| s.2 == SlotState::Dirty).count(), 64);
+
+    // Clean everything without committing (what the background cleaner does
+    // between its periodic commits in on-flush mode).
+    let runs = cache.inner.lock_runs(0, |st| plan_full_cleaning(&st.set, u32::MAX, 256));
+    let (cleaned, failed) = cache.inner.clean_runs(0, runs, false);
+    assert_eq!((cleaned, failed), (64, 0));
+    assert_eq!(cache.dirty_blocks(), 0);
+
+    // Misses on other blocks now find only cleaned, uncommitted blocks: none
+    // may be evicted, so the reads go uncached.
+    let mut buf = vec![0u8; 4096];
+    for b in 64..128u64 {
+        cache.read(b * 8, &mut buf).unwrap();
+    }
+    let stats = cache.stats();
+    assert_eq!(stats.replacement, 0, "{stats:?}");
+    assert!(stats.no_room > 0, "{stats:?}");
+    for (way, block, state) in durable_slots(&cache, &ssd) {
+        if state == SlotState::Dirty {
+            let st = cache.inner.shards[0].lock();
+            assert_eq!(
+                st.set.block(way),
+                Some(block),
+                "way {way} was reused while its slot says dirty"
+            );
+        }
+    }
+
+    // Once committed, the cleaned blocks can be evicted.
+    cache.flush().unwrap();
+    assert!(durable_slots(&cache, &ssd).iter().all(|s| s.2 != SlotState::Dirty));
+    for b in 64..128u64 {
+        cache.read(b * 8, &mut buf).unwrap();
+    }
+    assert!(cache.stats().replacement > 0);
+}
+
+#[test]
+fn a_discarded_dirty_block_keeps_its_way_until_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, ssd) = one_set_cache(&dir);
+    let block = vec![0xa5u8; 4096];
+    for b in 0..64u64 {
+        cache.write(b * 8, &block).unwrap();
+    }
+    cache.flush().unwrap();
+    cache.discard(0, 64 * 8).unwrap();
+    assert_eq!(cache.cached_blocks(), 0);
+    // Every way is held: a new block finds no room until the commit.
+    cache.write(100 * 8, &block).unwrap();
+    assert_eq!(cache.cached_blocks(), 0);
+    assert!(cache.stats().no_room > 0);
+    for (way, _, state) in durable_slots(&cache, &ssd) {
+        if state == SlotState::Dirty {
+            assert!(cache.inner.shards[0].lock().set.is_held(way), "way {way}");
+        }
+    }
+    cache.flush().unwrap();
+    assert!(durable_slots(&cache, &ssd).iter().all(|s| s.2 == SlotState::Invalid));
+    cache.write(101 * 8, &block).unwrap();
+    assert_eq!(cache.cached_blocks(), 1);
+}
