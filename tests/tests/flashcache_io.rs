@@ -253,3 +253,44 @@ fn bad_ranges_are_refused_and_do_nothing() {
     assert!(cache.set_tunable("no_such_tunable", 1).is_err());
     cache.shutdown().unwrap();
 }
+
+#[test]
+fn asynchronous_io_with_callbacks_and_futures_reads_its_writes() {
+    let ssd = TestDevice::new(Backing::File, SSD_BYTES);
+    let disk = TestDevice::new(Backing::File, DISK_BYTES);
+    let opts = options(CacheMode::WriteBack, false, CommitMode::OnFlush);
+    let cache = Cache::create(ssd.dev.clone(), disk.dev.clone(), &opts).unwrap();
+    let blocks = DISK_BYTES / 4096;
+    let (tx, rx) = std::sync::mpsc::channel();
+    for b in 0..blocks {
+        let tx = tx.clone();
+        let data = vec![(b % 251) as u8; 4096];
+        cache
+            .submit_write(b * 8, data, IoFlags::empty(), move |done| tx.send((b, done)).unwrap())
+            .unwrap();
+    }
+    drop(tx);
+    let mut done: Vec<u64> = rx.iter().map(|(b, r)| r.map(|()| b).unwrap()).collect();
+    done.sort_unstable();
+    assert_eq!(done, (0..blocks).collect::<Vec<_>>(), "every callback ran once");
+    let (tx, rx) = std::sync::mpsc::channel();
+    cache.submit_flush(move |r| tx.send(r.is_ok()).unwrap()).unwrap();
+    assert!(rx.recv().unwrap());
+    let futures: Vec<_> =
+        (0..blocks).map(|b| cache.read_future(b * 8, 4096, IoFlags::empty()).unwrap()).collect();
+    for (b, f) in futures.into_iter().enumerate() {
+        let bytes = pollster::block_on(f).unwrap();
+        assert!(bytes.iter().all(|&x| x == (b as u64 % 251) as u8), "block {b}");
+    }
+    // A bad range is refused at once, with no callback.
+    let called = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = called.clone();
+    let err = cache
+        .submit_read(DISK_BYTES / 512, 4096, IoFlags::empty(), move |_| {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+        .unwrap_err();
+    assert!(matches!(err, CacheError::BadRange { .. }), "{err}");
+    cache.shutdown().unwrap();
+    assert!(!called.load(std::sync::atomic::Ordering::SeqCst));
+}

@@ -59,6 +59,11 @@ impl Inner {
         block * u64::from(self.geometry.block_sectors()) + offset as u64 / SECTOR_SIZE
     }
 
+    /// Checks an I/O range.
+    pub(crate) fn check_range(&self, sector: u64, bytes: usize) -> Result<(), CacheError> {
+        self.pieces(sector, bytes).map(drop)
+    }
+
     /// Checks an I/O range and splits it into per-block pieces.
     fn pieces(&self, sector: u64, bytes: usize) -> Result<Vec<Piece>, CacheError> {
         let bad = |reason| Err(CacheError::BadRange { sector, bytes: bytes as u64, reason });

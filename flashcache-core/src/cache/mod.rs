@@ -49,6 +49,7 @@
 //!   period); in `sync` mode a block's first dirtying write commits its slot
 //!   before it returns, as flashcache does.
 
+mod async_io;
 mod cleaner;
 mod devio;
 mod error;
@@ -66,10 +67,12 @@ use std::thread::JoinHandle;
 use dmio::{BlockDevice, DmIoClient, SECTOR_SIZE};
 use kcopyd::KcopydClient;
 
+pub use self::async_io::{ASYNC_WORKERS, CacheFuture};
 pub use self::cleaner::CleanReport;
 pub use self::error::{CacheError, Device};
 pub use self::metadata::Recovered;
 
+use self::async_io::AsyncPool;
 use self::cleaner::CleanerControl;
 use self::devio::DevIo;
 use self::metadata::RecoverFrom;
@@ -169,6 +172,7 @@ pub(crate) struct Inner {
 pub struct Cache {
     inner: Arc<Inner>,
     cleaner_thread: Option<JoinHandle<()>>,
+    pool: AsyncPool,
 }
 
 impl std::fmt::Debug for Cache {
@@ -280,7 +284,10 @@ impl Cache {
             })
         })?;
         let cleaner_thread = Some(cleaner_thread);
-        Ok((Cache { inner, cleaner_thread }, LoadReport { previous_state: found.state, recovered }))
+        Ok((
+            Cache { inner, cleaner_thread, pool: AsyncPool::default() },
+            LoadReport { previous_state: found.state, recovered },
+        ))
     }
 
     /// The smallest I/O the cache takes, in bytes: 512, or the larger logical
@@ -316,9 +323,7 @@ impl Cache {
     /// Makes every write completed before this call durable: the devices'
     /// caches are flushed and the changed metadata is committed.
     pub fn flush(&self) -> Result<(), CacheError> {
-        self.inner.check_open()?;
-        Counters::bump(&self.inner.counters.flushes);
-        self.inner.commit_pending(true)
+        self.inner.flush()
     }
 
     /// Drops the cached blocks wholly inside `sectors` sectors at `sector` (dirty
@@ -434,6 +439,7 @@ impl Cache {
     }
 
     fn stop_thread(&mut self) {
+        self.pool.close();
         self.inner.cleaner.quit();
         if let Some(thread) = self.cleaner_thread.take() {
             let _ = thread.join();
@@ -453,6 +459,12 @@ impl Drop for Cache {
 impl Inner {
     pub(crate) fn check_open(&self) -> Result<(), CacheError> {
         if self.shut_down.load(Ordering::Acquire) { Err(CacheError::ShutDown) } else { Ok(()) }
+    }
+
+    pub(crate) fn flush(&self) -> Result<(), CacheError> {
+        self.check_open()?;
+        Counters::bump(&self.counters.flushes);
+        self.commit_pending(true)
     }
 
     fn shutdown(&self) -> Result<(), CacheError> {
