@@ -306,6 +306,34 @@ impl Inner {
         )
     }
 
+    /// For a miss that found `set` full: cleans its coldest dirty run now and
+    /// commits the set, so the cleaned blocks can be evicted at once
+    /// (flashcache's `clean_on_read_miss` / `clean_on_write_miss`). Returns
+    /// whether anything was cleaned.
+    pub(crate) fn clean_for_room(&self, set: u32) -> bool {
+        let runs = self.lock_runs(set, |st| {
+            let s = &mut *st;
+            let thresh = s.set.nr_dirty().saturating_sub(1);
+            let limits =
+                CleanLimits { dirty_thresh: thresh, max_runs: 1, max_run_blocks: MAX_RUN_BLOCKS };
+            plan_cleaning(&mut s.set, &*s.policy, limits)
+        });
+        if runs.is_empty() {
+            return false;
+        }
+        let (cleaned, _) = self.clean_runs(set, runs, false);
+        if cleaned == 0 {
+            return false;
+        }
+        self.counters.force_clean_block.fetch_add(cleaned, Ordering::Relaxed);
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&set);
+        if self.commit(&[set], true).is_err() {
+            self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(set);
+            return false;
+        }
+        true
+    }
+
     /// Cleans every dirty block (the caller's thread does the work).
     pub(crate) fn clean_all(&self) -> Result<CleanReport, CacheError> {
         let mut report = CleanReport::default();

@@ -150,6 +150,7 @@ impl Inner {
         let (set, shard) = self.shard_of(p.block);
         let block_bytes = self.block_bytes();
         let mut access = Access::Shared;
+        let mut cleaned_for_room = false;
         loop {
             if self.bypass.load(Ordering::Acquire) {
                 let (_guard, st) =
@@ -210,6 +211,19 @@ impl Inner {
                     return result.map(drop);
                 }
                 Counters::bump(&self.counters.no_room);
+                if !cleaned_for_room && self.clean_on_miss(false) {
+                    drop(st);
+                    drop(guard);
+                    cleaned_for_room = true;
+                    if self.clean_for_room(set) {
+                        continue;
+                    }
+                    // Nothing could be cleaned: read uncached.
+                    let (_guard, st) =
+                        BlockGuard::acquire(shard, p.block, Access::Shared, &self.counters);
+                    drop(st);
+                    return self.read_disk_piece(p, out);
+                }
                 self.cleaner.wake();
             }
             drop(st);
@@ -345,22 +359,27 @@ impl Inner {
         let way = match hit {
             Some(way) => way,
             None if p.is_whole(block_bytes) && cacheable == Cacheable::Yes => {
-                let s = &mut *st;
-                let allocation = s.set.allocate(&*s.policy, p.block);
-                match allocation.way() {
-                    Some(way) => {
+                let mut cleaned_for_room = false;
+                loop {
+                    let s = &mut *st;
+                    let allocation = s.set.allocate(&*s.policy, p.block);
+                    if let Some(way) = allocation.way() {
                         s.set.set_busy(way, true);
                         if matches!(allocation, Allocation::Replaced { .. }) {
                             Counters::bump(&self.counters.write_replacement);
                         }
-                        way
+                        break way;
                     }
-                    None => {
-                        Counters::bump(&self.counters.no_room);
-                        self.cleaner.wake();
-                        drop(st);
-                        return self.write_disk_piece(p, data).map(|()| None);
+                    Counters::bump(&self.counters.no_room);
+                    drop(st);
+                    if !cleaned_for_room && self.clean_on_miss(true) && self.clean_for_room(set) {
+                        // This block's lock is still ours; try once more.
+                        cleaned_for_room = true;
+                        st = shard.lock();
+                        continue;
                     }
+                    self.cleaner.wake();
+                    return self.write_disk_piece(p, data).map(|()| None);
                 }
             }
             None => {
@@ -444,6 +463,16 @@ impl Inner {
             self.cleaner.wake();
         }
         Ok(Some(set))
+    }
+
+    /// Whether a miss that finds its set full of dirty blocks cleans some
+    /// first (`clean_on_read_miss` / `clean_on_write_miss`, write-back only).
+    fn clean_on_miss(&self, write: bool) -> bool {
+        if self.mode != CacheMode::WriteBack {
+            return false;
+        }
+        let t = self.tunables.read().unwrap_or_else(|e| e.into_inner());
+        (if write { t.clean_on_write_miss } else { t.clean_on_read_miss }) == 1
     }
 
     fn write_disk_piece(&self, p: Piece, data: &[u8]) -> Result<(), CacheError> {

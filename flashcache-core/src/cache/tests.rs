@@ -124,3 +124,29 @@ fn a_discarded_dirty_block_keeps_its_way_until_committed() {
     cache.write(101 * 8, &block).unwrap();
     assert_eq!(cache.cached_blocks(), 1);
 }
+
+#[test]
+fn clean_on_miss_makes_room_in_a_set_full_of_dirty_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _ssd) = one_set_cache(&dir);
+    let block = vec![0x11u8; 4096];
+    for b in 0..64u64 {
+        cache.write(b * 8, &block).unwrap();
+    }
+    // Off (the default): the set is full of dirty blocks, the write goes around.
+    cache.write(100 * 8, &block).unwrap();
+    assert_eq!(cache.stats().no_room, 1);
+    assert_eq!(cache.inner.shards[0].lock().set.lookup(100), None);
+    cache.set_tunable("clean_on_write_miss", 1).unwrap();
+    cache.write(101 * 8, &block).unwrap();
+    assert!(cache.inner.shards[0].lock().set.lookup(101).is_some());
+    assert!(cache.stats().force_clean_block > 0);
+    cache.set_tunable("clean_on_read_miss", 1).unwrap();
+    // Fill the set with dirty blocks again, then a read miss makes room.
+    for b in 200..264u64 {
+        cache.write(b * 8, &block).unwrap();
+    }
+    let mut buf = vec![0u8; 4096];
+    cache.read(300 * 8, &mut buf).unwrap();
+    assert!(cache.inner.shards[0].lock().set.lookup(300).is_some());
+}
