@@ -421,10 +421,13 @@ impl Cache {
         self.inner.sb.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Bytes of RAM the block index takes (the per-block bookkeeping of every
-    /// set), and the same per cache block.
+    /// Bytes of RAM the block index takes (every set's per-block bookkeeping,
+    /// lookup table, lock and policy object; not the per-I/O lock entries of
+    /// blocks with I/O in flight), and the same per cache block.
     pub fn index_bytes(&self) -> (u64, f64) {
-        let per_set = CacheSet::index_bytes(self.inner.layout.assoc() as usize) as u64;
+        let per_set = (CacheSet::index_bytes(self.inner.layout.assoc() as usize)
+            + std::mem::size_of::<Shard>()
+            + self::shard::POLICY_BYTES) as u64;
         let total = per_set * u64::from(self.inner.layout.num_sets());
         (total, total as f64 / self.inner.layout.num_blocks().max(1) as f64)
     }

@@ -11,6 +11,10 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 
 use crate::policy::{CacheSet, Counters, Replacement, Way};
 
+/// Heap bytes of a set's boxed policy object (the largest policy, the
+/// segmented LRU, holds two bytes of parameters; an allocation is at least 16).
+pub(crate) const POLICY_BYTES: usize = 16;
+
 /// How a block is locked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Access {

@@ -150,3 +150,19 @@ fn clean_on_miss_makes_room_in_a_set_full_of_dirty_blocks() {
     cache.read(300 * 8, &mut buf).unwrap();
     assert!(cache.inner.shards[0].lock().set.lookup(300).is_some());
 }
+
+#[test]
+fn the_index_takes_at_most_16_bytes_per_cache_block_at_the_default_geometry() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ssd_path, disk_path) = (dir.path().join("ssd"), dir.path().join("disk"));
+    std::fs::File::create(&ssd_path).unwrap().set_len(9 << 20).unwrap();
+    std::fs::File::create(&disk_path).unwrap().set_len(64 << 20).unwrap();
+    let ssd = BlockDevice::open(&ssd_path).unwrap();
+    let disk = BlockDevice::open(&disk_path).unwrap();
+    let cache = Cache::create(ssd, disk, &CreateOptions::default()).unwrap();
+    assert_eq!(cache.geometry().assoc(), 512);
+    let (total, per_block) = cache.index_bytes();
+    assert!(total > 0);
+    assert!(per_block <= 16.0, "{per_block} bytes per block");
+    assert!(per_block >= 15.0, "{per_block}: the estimate must include the slots");
+}
