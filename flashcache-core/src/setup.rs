@@ -12,8 +12,8 @@ use dmio::{
 };
 
 use crate::format::{
-    CacheMode, CommitMode, DiskIdentity, FormatError, Layout, MD_START, SUPERBLOCK_REGION_BYTES,
-    SbState, Superblock,
+    CacheMode, CommitMode, DiskIdentity, FormatError, Layout, MD_START, STATS_MAX_BYTES,
+    STATS_OFFSET, SUPERBLOCK_REGION_BYTES, SbState, Superblock, decode_stats,
 };
 use crate::policy::PolicyKind;
 
@@ -316,7 +316,9 @@ pub fn load(
     let mut loaded = found.clone();
     loaded.state = SbState::Loaded;
     loaded.generation = found.generation.wrapping_add(1);
-    write_superblock(dmio, ssd, &loaded)?;
+    // Keep the statistics record of the last shutdown.
+    let stats = read_stats_record(dmio, ssd)?;
+    write_superblock_with(dmio, ssd, &loaded, stats.as_deref())?;
     Ok(found)
 }
 
@@ -353,8 +355,36 @@ pub(crate) fn write_superblock(
     ssd: &Arc<BlockDevice>,
     sb: &Superblock,
 ) -> Result<(), SetupError> {
+    write_superblock_with(dmio, ssd, sb, None)
+}
+
+/// The raw statistics record of `ssd` (see [`crate::format::encode_stats`]),
+/// if it has a valid one.
+pub fn read_stats_record(
+    dmio: &DmIoClient,
+    ssd: &Arc<BlockDevice>,
+) -> Result<Option<Vec<u8>>, SetupError> {
+    let region = DmIoRegion::new(ssd, 0, SUPERBLOCK_REGION_BYTES / SECTOR_SIZE);
+    let req = DmIoRequest::read(AlignedBuf::new(SB_REGION));
+    let bytes = io(dmio, req, region, "reading the statistics record", ssd.path())?;
+    let tail = bytes.get(STATS_OFFSET..).unwrap_or_default();
+    Ok(decode_stats(tail).map(|_| tail[..].to_vec()))
+}
+
+/// Writes the superblock region: the superblock, and a statistics record
+/// (encoded with [`crate::format::encode_stats`]) when given.
+pub(crate) fn write_superblock_with(
+    dmio: &DmIoClient,
+    ssd: &Arc<BlockDevice>,
+    sb: &Superblock,
+    stats: Option<&[u8]>,
+) -> Result<(), SetupError> {
     let mut buf = AlignedBuf::new(SB_REGION);
     buf[..crate::format::SUPERBLOCK_BYTES].copy_from_slice(&sb.encode());
+    if let Some(stats) = stats {
+        let n = stats.len().min(STATS_MAX_BYTES);
+        buf[STATS_OFFSET..STATS_OFFSET + n].copy_from_slice(&stats[..n]);
+    }
     let region = DmIoRegion::new(ssd, 0, SUPERBLOCK_REGION_BYTES / SECTOR_SIZE);
     // PREFLUSH: whatever was written before (the zeroed metadata) is durable
     // before the superblock that describes it; FUA: the superblock itself.

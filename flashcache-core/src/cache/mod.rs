@@ -77,7 +77,9 @@ use self::cleaner::CleanerControl;
 use self::devio::DevIo;
 use self::metadata::RecoverFrom;
 use self::shard::Shard;
-use crate::format::{CacheMode, CommitMode, Layout, SbState, Superblock};
+use crate::format::{
+    CacheMode, CommitMode, Layout, SbState, Superblock, decode_stats, encode_stats,
+};
 use crate::policy::{
     CacheSet, CacheStats, Counters, Geometry, PolicyKind, SequentialDetector, SetMapping, Tunables,
 };
@@ -209,8 +211,14 @@ impl Cache {
     ) -> Result<(Cache, LoadReport), CacheError> {
         let dmio = Arc::new(DmIoClient::new().map_err(|e| dmio_setup_error(&ssd, e))?);
         let found = setup::read_superblock(&dmio, &ssd)?;
+        let stats = setup::read_stats_record(&dmio, &ssd)?;
         let policy = policy_from_id(found.policy);
-        Cache::open(dmio, ssd, disk, policy)
+        let (cache, report) = Cache::open(dmio, ssd, disk, policy)?;
+        // The counters carry on from the last orderly shutdown.
+        for (name, value) in stats.as_deref().and_then(decode_stats).unwrap_or_default() {
+            cache.inner.counters.add_named(&name, value);
+        }
+        Ok((cache, report))
     }
 
     fn open(
@@ -353,7 +361,10 @@ impl Cache {
         self.inner.cleaner.resume();
     }
 
-    /// The counters.
+    /// The counters since the cache was created (or since the last
+    /// [`reset_stats`](Self::reset_stats)), carried across restarts in the
+    /// superblock region: an orderly shutdown saves them; after a crash they
+    /// resume from the last save.
     pub fn stats(&self) -> CacheStats {
         self.inner.counters.snapshot()
     }
@@ -489,7 +500,9 @@ impl Inner {
             Ok(()) => SbState::FastClean,
             Err(_) => SbState::Unstable,
         };
-        let written = setup::write_superblock(&self.io.dmio, &self.io.ssd, &sb);
+        let stats = encode_stats(&self.counters.snapshot().fields());
+        let written =
+            setup::write_superblock_with(&self.io.dmio, &self.io.ssd, &sb, stats.as_deref());
         *self.sb.lock().unwrap_or_else(|e| e.into_inner()) = sb;
         result?;
         written?;

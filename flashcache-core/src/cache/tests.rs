@@ -166,3 +166,28 @@ fn the_index_takes_at_most_16_bytes_per_cache_block_at_the_default_geometry() {
     assert!(per_block <= 16.0, "{per_block} bytes per block");
     assert!(per_block >= 15.0, "{per_block}: the estimate must include the slots");
 }
+
+#[test]
+fn counters_survive_an_orderly_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ssd_path, disk_path) = (dir.path().join("ssd"), dir.path().join("disk"));
+    std::fs::File::create(&ssd_path).unwrap().set_len(1 << 20).unwrap();
+    std::fs::File::create(&disk_path).unwrap().set_len(4 << 20).unwrap();
+    let ssd = BlockDevice::open(&ssd_path).unwrap();
+    let disk = BlockDevice::open(&disk_path).unwrap();
+    let options = CreateOptions { assoc: 64, ..CreateOptions::default() };
+    let cache = Cache::create(ssd.clone(), disk.clone(), &options).unwrap();
+    for b in 0..10u64 {
+        cache.write(b * 8, &[3u8; 4096]).unwrap();
+    }
+    let before = cache.stats();
+    cache.shutdown().unwrap();
+    let (cache, _) = Cache::load(ssd.clone(), disk.clone()).unwrap();
+    let after = cache.stats();
+    assert_eq!(after.writes, before.writes);
+    assert!(after.cleanings >= 10, "the shutdown's cleaning is counted too: {after:?}");
+    cache.reset_stats();
+    cache.shutdown().unwrap();
+    let (cache, _) = Cache::load(ssd, disk).unwrap();
+    assert_eq!(cache.stats().writes, 0);
+}

@@ -16,7 +16,7 @@
 //!
 //! | region | byte range | content |
 //! |---|---|---|
-//! | superblock | `[0, 4096)` | the [superblock](#the-superblock) in bytes 0..512, zeros after |
+//! | superblock | `[0, 4096)` | the [superblock](#the-superblock) in bytes 0..512, the optional statistics record ([`encode_stats`]) from byte 2048, zeros elsewhere |
 //! | metadata | `[md_start, md_start + md_bytes)` | one [slot](#slots) of 16 bytes per cache block, grouped by set |
 //! | data | `[data_start, data_start + num_blocks * block_bytes)` | the cached blocks themselves |
 //!
@@ -133,6 +133,7 @@ mod crc;
 mod error;
 mod layout;
 mod slot;
+mod stats_record;
 mod superblock;
 
 #[cfg(test)]
@@ -144,6 +145,7 @@ pub use layout::Layout;
 pub use slot::{
     DecodedSlots, SLOT_BYTES, SLOTS_PER_SECTOR, SlotRecord, SlotState, decode_slots, encode_slots,
 };
+pub use stats_record::{STATS_MAX_BYTES, STATS_OFFSET, decode_stats, encode_stats};
 pub use superblock::{CacheMode, CommitMode, DiskIdentity, SbState, Superblock};
 
 /// The superblock magic, at offset 0.

@@ -26,6 +26,14 @@ macro_rules! counters {
             pub fn reset(&self) {
                 $( self.$name.store(0, Ordering::Relaxed); )*
             }
+
+            /// Adds `value` to the counter called `name`; false for an unknown name.
+            pub fn add_named(&self, name: &str, value: u64) -> bool {
+                match name {
+                    $( stringify!($name) => { self.$name.fetch_add(value, Ordering::Relaxed); true } )*
+                    _ => false,
+                }
+            }
         }
 
         impl CacheStats {
