@@ -7,6 +7,12 @@
 //! unavailable, unless `DMIO_REQUIRE_LOOP=1` is set (CI sets it): then a missing
 //! loop device is a test failure.
 
+/// The README's code examples, compiled and run as doc tests (so the README
+/// shows only code that runs as written).
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeExamples;
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -236,9 +236,9 @@ impl Inner {
             drop(guards);
         }
         if cleaned > 0 {
-            self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(set);
+            self.note_slots_changed(set);
             if self.commit_mode == crate::format::CommitMode::Sync {
-                let _ = self.commit(&[set], true);
+                let _ = self.commit_pending(true);
             }
         }
         (cleaned, failed)
@@ -326,12 +326,7 @@ impl Inner {
             return false;
         }
         self.counters.force_clean_block.fetch_add(cleaned, Ordering::Relaxed);
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&set);
-        if self.commit(&[set], true).is_err() {
-            self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(set);
-            return false;
-        }
-        true
+        self.commit_pending(true).is_ok()
     }
 
     /// Cleans every dirty block (the caller's thread does the work).

@@ -303,17 +303,21 @@ impl Inner {
         Counters::bump(&self.counters.writes);
         let cacheable = self.cacheable(sector, data.len(), flags, true);
         self.count_uncached(cacheable, true);
-        let mut changed_sets = Vec::new();
+        let mut changed = false;
         for piece in pieces {
-            if let Some(set) =
-                self.write_piece(piece, cacheable, &data[piece.at..piece.at + piece.len])?
-            {
-                changed_sets.push(set);
+            let result = self.write_piece(piece, cacheable, &data[piece.at..piece.at + piece.len]);
+            match result {
+                Ok(dirtied) => changed |= dirtied.is_some(),
+                Err(e) => {
+                    // Blocks dirtied before the failure are pending already;
+                    // in sync mode try to commit them before reporting it.
+                    let _ = self.commit_if_sync();
+                    return Err(e);
+                }
             }
         }
-        changed_sets.dedup();
-        for set in changed_sets {
-            self.slots_changed(set)?;
+        if changed {
+            self.commit_if_sync()?;
         }
         if flags.contains(IoFlags::FUA) {
             self.commit_pending(true)?;
@@ -452,6 +456,7 @@ impl Inner {
             return Ok(None);
         }
         st.set.mark_dirty(way);
+        self.note_slots_changed(set);
         Counters::bump(&self.counters.metadata_dirties);
         let over = {
             let t = self.tunables.read().unwrap_or_else(|e| e.into_inner());
@@ -491,7 +496,7 @@ impl Inner {
         let pieces = self.pieces(sector, bytes)?;
         Counters::bump(&self.counters.discards);
         let block_bytes = self.block_bytes();
-        let mut changed = Vec::new();
+        let mut changed = false;
         for p in pieces.into_iter().filter(|p| p.is_whole(block_bytes)) {
             let (set, shard) = self.shard_of(p.block);
             let (_guard, mut st) =
@@ -503,14 +508,14 @@ impl Inner {
             if state.intersects(BlockState::DIRTY | BlockState::PINNED) {
                 // Its durable slot may say dirty: keep the way until a commit.
                 s.set.invalidate_held(&*s.policy, way);
-                changed.push(set);
+                self.note_slots_changed(set);
+                changed = true;
             } else {
                 s.set.invalidate(&*s.policy, way);
             }
         }
-        changed.dedup();
-        for set in changed {
-            self.slots_changed(set)?;
+        if changed {
+            self.commit_if_sync()?;
         }
         self.io.discard_disk(sector, sectors)
     }

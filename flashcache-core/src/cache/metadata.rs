@@ -45,13 +45,20 @@ struct SetSnapshot {
 }
 
 impl Inner {
-    /// Records that `set`'s slots changed: committed now in `sync` commit mode,
-    /// else at the next flush (or the cleaner's periodic commit).
-    pub(crate) fn slots_changed(&self, set: u32) -> Result<(), CacheError> {
+    /// Records that `set`'s slots changed in memory. Called under the set's
+    /// lock, at the change itself, so that no error path can lose it: the set
+    /// stays pending until a commit succeeds.
+    pub(crate) fn note_slots_changed(&self, set: u32) {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(set);
+    }
+
+    /// In `sync` commit mode, commits the pending slot changes now (a failed
+    /// commit leaves them pending for the next try); in `on-flush` mode they
+    /// wait for the next flush, FUA write or periodic commit.
+    pub(crate) fn commit_if_sync(&self) -> Result<(), CacheError> {
         if self.commit_mode == crate::format::CommitMode::Sync {
-            self.commit(&[set], false)
+            self.commit_pending(false)
         } else {
-            self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(set);
             Ok(())
         }
     }

@@ -412,7 +412,9 @@ impl Cache {
     }
 
     /// Whether SSD errors have put the cache in bypass (write-through and
-    /// write-around only): every I/O goes to the disk.
+    /// write-around only): every I/O goes to the disk. The error count and the
+    /// bypass last until the cache is shut down; a reload starts afresh (the
+    /// clean blocks it could not vouch for were not saved).
     pub fn is_bypassed(&self) -> bool {
         self.inner.bypass.load(Ordering::Relaxed)
     }
@@ -436,11 +438,17 @@ impl Cache {
     /// lookup table, lock and policy object; not the per-I/O lock entries of
     /// blocks with I/O in flight), and the same per cache block.
     pub fn index_bytes(&self) -> (u64, f64) {
-        let per_set = (CacheSet::index_bytes(self.inner.layout.assoc() as usize)
+        let total = Cache::index_bytes_for(&self.inner.layout);
+        (total, total as f64 / self.inner.layout.num_blocks().max(1) as f64)
+    }
+
+    /// [`index_bytes`](Self::index_bytes) of a cache of this layout, before
+    /// loading it.
+    pub fn index_bytes_for(layout: &Layout) -> u64 {
+        let per_set = (CacheSet::index_bytes(layout.assoc() as usize)
             + std::mem::size_of::<Shard>()
             + self::shard::POLICY_BYTES) as u64;
-        let total = per_set * u64::from(self.inner.layout.num_sets());
-        (total, total as f64 / self.inner.layout.num_blocks().max(1) as f64)
+        per_set * u64::from(layout.num_sets())
     }
 
     /// Shuts the cache down in order: stops the cleaner; in write-back mode
@@ -450,6 +458,17 @@ impl Cache {
     pub fn shutdown(mut self) -> Result<(), CacheError> {
         self.stop_thread();
         self.inner.shutdown()
+    }
+
+    /// Drops the cache the way a crash would: the background threads stop and
+    /// nothing more is written (no cleaning, no metadata commit, the superblock
+    /// stays `Loaded`). The next [`load`](Self::load) recovers from what is on
+    /// the devices, as after a power loss (minus what the devices' volatile
+    /// caches would lose: a [fault-injection write
+    /// log](dmio::fault::WriteLog) rebuilds that). For tests of crash recovery.
+    pub fn abandon(mut self) {
+        self.stop_thread();
+        self.inner.shut_down.store(true, Ordering::Release);
     }
 
     fn stop_thread(&mut self) {
@@ -494,6 +513,9 @@ impl Inner {
         let all: Vec<u32> = (0..self.layout.num_sets()).collect();
         let dirty: u64 = self.shards.iter().map(|s| u64::from(s.lock().set.nr_dirty())).sum();
         let mut sb = self.sb.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        // A policy switched at run time is the one the next load uses.
+        sb.policy =
+            setup::policy_id(self.tunables.read().unwrap_or_else(|e| e.into_inner()).policy());
         let result = self.commit(&all, true);
         sb.state = match result {
             Ok(()) if dirty == 0 => SbState::Clean,

@@ -191,3 +191,32 @@ fn counters_survive_an_orderly_restart() {
     let (cache, _) = Cache::load(ssd, disk).unwrap();
     assert_eq!(cache.stats().writes, 0);
 }
+
+#[test]
+fn abandon_leaves_what_a_crash_leaves_and_a_switched_policy_persists() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ssd_path, disk_path) = (dir.path().join("ssd"), dir.path().join("disk"));
+    std::fs::File::create(&ssd_path).unwrap().set_len(1 << 20).unwrap();
+    std::fs::File::create(&disk_path).unwrap().set_len(4 << 20).unwrap();
+    let ssd = BlockDevice::open(&ssd_path).unwrap();
+    let disk = BlockDevice::open(&disk_path).unwrap();
+    let options = CreateOptions { assoc: 64, ..CreateOptions::default() };
+    let cache = Cache::create(ssd.clone(), disk.clone(), &options).unwrap();
+    cache.set_tunable("reclaim_policy", 0).unwrap();
+    cache.write(0, &[9u8; 4096]).unwrap();
+    cache.flush().unwrap();
+    cache.abandon();
+    let (cache, report) = Cache::load(ssd.clone(), disk.clone()).unwrap();
+    assert_eq!(report.previous_state, crate::format::SbState::Loaded, "nothing was written");
+    assert_eq!(report.recovered.dirty, 1);
+    let mut buf = vec![0u8; 4096];
+    cache.read(0, &mut buf).unwrap();
+    assert_eq!(buf, vec![9u8; 4096]);
+    // The superblock still names the policy of creation (SIEVE) until an
+    // orderly shutdown records a switch.
+    assert_eq!(cache.tunables().reclaim_policy, 3);
+    cache.set_tunable("reclaim_policy", 0).unwrap();
+    cache.shutdown().unwrap();
+    let (cache, _) = Cache::load(ssd, disk).unwrap();
+    assert_eq!(cache.tunables().reclaim_policy, 0);
+}

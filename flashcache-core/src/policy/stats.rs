@@ -102,9 +102,11 @@ counters! {
     ssd_writes,
     /// Misses filled from the disk into the SSD.
     read_fills,
-    /// Reads that bypassed the cache.
+    /// Reads whose misses may not be cached (the "do not cache" hint,
+    /// `cache_all` off, write-only mode); their hits are still served from the
+    /// cache.
     uncached_reads,
-    /// Writes that bypassed the cache.
+    /// Writes whose misses may not be cached (as `uncached_reads`).
     uncached_writes,
     /// Reads that bypassed the cache as part of a sequential stream.
     uncached_sequential_reads,

@@ -26,7 +26,7 @@ use errors::{Failure, error_line};
 use flashcache_core::cache::{Cache, IoFlags};
 use flashcache_core::dmio::{BlockDevice, DmIoClient, SECTOR_SIZE};
 use flashcache_core::format::{CacheMode, CommitMode, SbState, SlotState, Superblock};
-use flashcache_core::policy::{CacheSet, PolicyKind};
+use flashcache_core::policy::PolicyKind;
 use flashcache_core::setup::{self, CreateOptions};
 use serde_json::json;
 
@@ -430,8 +430,7 @@ fn status(ssd_path: &Path, json_out: bool) -> Result<(), Failure> {
         CommitMode::OnFlush => "on-flush",
         CommitMode::Sync => "sync",
     };
-    let index =
-        CacheSet::index_bytes(layout.assoc() as usize) as u64 * u64::from(layout.num_sets());
+    let index = Cache::index_bytes_for(&layout);
     if json_out {
         let out = json!({
             "ssd": ssd_path.display().to_string(),
