@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 
+use crate::device::{BlockDevice, SECTOR_SIZE};
 use crate::dispatch::{self, RequestSlot};
 use crate::engine::{EngineChoice, EngineKind, EngineWaker};
-use crate::error::{DmIoError, MAX_REGIONS};
+use crate::error::{DmIoError, Errno, ErrorBits, MAX_REGIONS, RegionFailure};
 use crate::memory::{DmIoMemory, PagePool};
 use crate::notify::{DmIoCompletion, DmIoFuture, FutureShared, Notify, Waiter};
 use crate::region::DmIoRegion;
@@ -51,6 +52,15 @@ pub struct DmIoConfig {
     pub register_pool: bool,
     /// Worker threads of the sync engine. Default 8.
     pub sync_threads: usize,
+    /// Serve simple blocking requests on the caller's thread: an
+    /// [`io_sync`](DmIoClient::io_sync) read or write of one region from or into
+    /// one contiguous buffer ([`DmIoMemory::Kmem`](crate::DmIoMemory::Kmem)),
+    /// without flags other than `SYNC`/`META`, that needs no splitting, to a
+    /// device without fault rules, runs as `pread`/`pwrite` right there,
+    /// saving the two thread switches of a trip through the completion thread.
+    /// Semantics are the same (retries, short transfers, error bits, zero-filled
+    /// failed reads). Default true; `DMIO_INLINE_SYNC=0` turns it off.
+    pub inline_sync: bool,
 }
 
 impl Default for DmIoConfig {
@@ -65,6 +75,7 @@ impl Default for DmIoConfig {
             pool_extra_pages: 65536,
             register_pool: true,
             sync_threads: 8,
+            inline_sync: true,
         }
     }
 }
@@ -110,6 +121,12 @@ pub(crate) struct Counters {
     pub fixed_buffer_ops: AtomicU64,
     pub submit_calls: AtomicU64,
     pub callback_panics: AtomicU64,
+    /// The inline blocking path's own counts (the completion thread publishes
+    /// its tally by overwriting the fields above).
+    pub inline_requests: AtomicU64,
+    pub inline_ops: AtomicU64,
+    pub inline_retries: AtomicU64,
+    pub inline_short_transfers: AtomicU64,
 }
 
 /// A snapshot of a client's counters.
@@ -242,6 +259,7 @@ pub struct DmIoClient {
     engine: EngineKind,
     engine_note: Option<String>,
     max_op_bytes: u64,
+    inline_sync: bool,
 }
 
 impl DmIoClient {
@@ -265,6 +283,8 @@ impl DmIoClient {
             let _ = free_tx.try_send(Box::new(RequestSlot::new(id as u32)));
         }
         let max_op_bytes = config.max_op_bytes;
+        let inline_sync = config.inline_sync
+            && std::env::var("DMIO_INLINE_SYNC").map_or(true, |v| v.trim() != "0");
         let (inbox_tx, inbox_rx) = bounded(config.reserve);
         let shared = Arc::new(Shared {
             free_tx,
@@ -307,6 +327,7 @@ impl DmIoClient {
             engine,
             engine_note,
             max_op_bytes,
+            inline_sync,
         })
     }
 
@@ -335,10 +356,12 @@ impl DmIoClient {
     pub fn stats(&self) -> ClientStats {
         let c = &self.shared.counters;
         ClientStats {
-            requests: c.requests.load(Ordering::Relaxed),
-            ops: c.ops.load(Ordering::Relaxed),
-            retries: c.retries.load(Ordering::Relaxed),
-            short_transfers: c.short_transfers.load(Ordering::Relaxed),
+            requests: c.requests.load(Ordering::Relaxed)
+                + c.inline_requests.load(Ordering::Relaxed),
+            ops: c.ops.load(Ordering::Relaxed) + c.inline_ops.load(Ordering::Relaxed),
+            retries: c.retries.load(Ordering::Relaxed) + c.inline_retries.load(Ordering::Relaxed),
+            short_transfers: c.short_transfers.load(Ordering::Relaxed)
+                + c.inline_short_transfers.load(Ordering::Relaxed),
             fixed_buffer_ops: c.fixed_buffer_ops.load(Ordering::Relaxed),
             submit_calls: c.submit_calls.load(Ordering::Relaxed),
             callback_panics: c.callback_panics.load(Ordering::Relaxed),
@@ -376,9 +399,111 @@ impl DmIoClient {
         }
         req.notify = None;
         req.flags |= ReqFlags::SYNC;
+        if let [region] = regions
+            && self.inline_eligible(&req, region)
+        {
+            validate(&req, regions, self.max_op_bytes)?;
+            if self.shared.closed.load(Ordering::Acquire) {
+                return Err(DmIoError::ClientClosed);
+            }
+            return Ok(self.io_inline(req, region));
+        }
         let waiter = Waiter::for_this_thread();
         self.dispatch(req, Notify::waiter(waiter.clone()), regions)?;
         Ok(waiter.wait())
+    }
+
+    /// Whether a blocking request can run on the caller's thread (see
+    /// [`DmIoConfig::inline_sync`]).
+    fn inline_eligible(&self, req: &DmIoRequest, region: &DmIoRegion) -> bool {
+        let dev = &region.device;
+        let bytes = region.byte_len();
+        self.inline_sync
+            && matches!(req.op, DmIoOp::Read | DmIoOp::Write)
+            && (req.flags - (ReqFlags::SYNC | ReqFlags::META)).is_empty()
+            && matches!(&req.memory, Some(crate::DmIoMemory::Kmem(buf)) if buf.len() as u64 == bytes)
+            && bytes > 0
+            && bytes <= self.max_op_bytes.min(dev.info().max_io_bytes)
+            && !faults_active(dev)
+    }
+
+    /// Runs an eligible blocking request with `pread`/`pwrite` on this thread,
+    /// with the completion thread's semantics: EINTR/EAGAIN/EBUSY retried, short
+    /// transfers resumed from the last block boundary, a failure reported with
+    /// its errno and sector, a failed read zero-filled.
+    fn io_inline(&self, mut req: DmIoRequest, region: &DmIoRegion) -> DmIoCompletion {
+        use std::os::unix::fs::FileExt;
+        let Some(crate::DmIoMemory::Kmem(mut buf)) = req.memory.take() else {
+            // `inline_eligible` checked the memory; nothing else reaches here.
+            return DmIoCompletion {
+                error_bits: ErrorBits::NONE,
+                failures: Vec::new(),
+                memory: None,
+            };
+        };
+        let dev = &region.device;
+        let file = dev.file();
+        let offset = region.byte_offset();
+        let len = buf.len() as u64;
+        let block = u64::from(dev.logical_block_size()).max(1);
+        let (mut done, mut ops, mut retries, mut shorts) = (0u64, 0u64, 0u64, 0u64);
+        let outcome: Result<(), i32> = loop {
+            if done >= len {
+                break Ok(());
+            }
+            ops += 1;
+            let at = done as usize;
+            let result = match req.op {
+                DmIoOp::Read => file.read_at(&mut buf[at..], offset + done),
+                _ => file.write_at(&buf[at..], offset + done),
+            };
+            match result {
+                Ok(0) => break Err(libc::EIO),
+                Ok(n) => {
+                    let before = done;
+                    done += n as u64;
+                    if done < len {
+                        shorts += 1;
+                        let resume = done / block * block;
+                        if resume <= before / block * block {
+                            break Err(libc::EIO);
+                        }
+                        done = resume;
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                    ) && retries < u64::from(crate::dispatch::MAX_RETRIES) =>
+                {
+                    retries += 1;
+                }
+                Err(e) => break Err(e.raw_os_error().unwrap_or(libc::EIO)),
+            }
+        };
+        let c = &self.shared.counters;
+        c.inline_requests.fetch_add(1, Ordering::Relaxed);
+        c.inline_ops.fetch_add(ops, Ordering::Relaxed);
+        c.inline_retries.fetch_add(retries, Ordering::Relaxed);
+        c.inline_short_transfers.fetch_add(shorts, Ordering::Relaxed);
+        let (error_bits, failures) = match outcome {
+            Ok(()) => (ErrorBits::NONE, Vec::new()),
+            Err(errno) => {
+                if req.op == DmIoOp::Read {
+                    buf.fill(0);
+                }
+                let failure = RegionFailure {
+                    region: 0,
+                    device: dev.clone(),
+                    sector: (offset + done) / SECTOR_SIZE,
+                    op: req.op,
+                    errno: Errno(errno),
+                };
+                (ErrorBits::from_bits(1), vec![failure])
+            }
+        };
+        DmIoCompletion { error_bits, failures, memory: Some(crate::DmIoMemory::Kmem(buf)) }
     }
 
     /// Submits a request and returns a [`Future`](std::future::Future) of its
@@ -722,4 +847,16 @@ fn check_atomic(
         return fail("the memory for an atomic write must be contiguous");
     }
     Ok(())
+}
+
+/// Whether fault rules, a trace or a write log are set on `dev` (then every
+/// request goes through the completion thread, where they apply).
+#[cfg(feature = "fault-injection")]
+fn faults_active(dev: &BlockDevice) -> bool {
+    dev.faults().is_active()
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn faults_active(_dev: &BlockDevice) -> bool {
+    false
 }

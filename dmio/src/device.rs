@@ -351,6 +351,11 @@ impl BlockDevice {
         &self.info
     }
 
+    /// The open file (`O_DIRECT`), for the client's inline blocking path.
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
     /// The logical block size in bytes.
     pub fn logical_block_size(&self) -> u32 {
         self.info.logical_block_size

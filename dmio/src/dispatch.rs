@@ -40,7 +40,7 @@ const BATCH_MIN_IN_FLIGHT: usize = 8;
 
 /// How often an op failing with EINTR, EAGAIN or EBUSY is reissued before the
 /// error is reported.
-const MAX_RETRIES: u16 = 64;
+pub(crate) const MAX_RETRIES: u16 = 64;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum Phase {

@@ -26,8 +26,22 @@ fn a_panicking_callback_is_caught_counted_and_the_client_goes_on() {
         let req =
             DmIoRequest::read(AlignedBuf::new(4096)).on_complete(|_| panic!("a buggy callback"));
         client.submit(req, &[DmIoRegion::new(&td.dev, 0, 8)]).unwrap();
+        // Blocking calls may run inline on this thread, not after the callback:
+        // wait for the panic to be counted.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while client.stats().callback_panics == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(client.stats().callback_panics, 1, "{engine:?}");
+        // The client goes on: blocking and asynchronous requests still complete.
         write_pattern(&client, &td.dev, 8, 8, 1);
         check_pattern(&read_region(&client, &td.dev, 8, 8), 8, 1).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let req = DmIoRequest::read(AlignedBuf::new(4096)).on_complete(move |done| {
+            let _ = tx.send(done.is_ok());
+        });
+        client.submit(req, &[DmIoRegion::new(&td.dev, 8, 8)]).unwrap();
+        assert!(rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap(), "{engine:?}");
         assert_eq!(client.stats().callback_panics, 1, "{engine:?}");
     }
 }

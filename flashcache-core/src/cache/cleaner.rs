@@ -159,7 +159,8 @@ fn background(inner: &Inner) {
                 }
             }
         }
-        if last_commit.elapsed() >= COMMIT_PERIOD {
+        let pending = !inner.pending.lock().unwrap_or_else(|e| e.into_inner()).is_empty();
+        if pending && last_commit.elapsed() >= COMMIT_PERIOD {
             last_commit = Instant::now();
             let _ = inner.commit_pending(true);
         }
