@@ -10,7 +10,7 @@
 //! The one exception is a copy job's relay (no throttle, no WRITE_SEQ): its
 //! chunks go from read to write to the next chunk's read in dm-io callbacks on
 //! the completion thread, which claim chunks from the job's shared cursor, and
-//! the worker only accounts each written chunk (see [`Relay`]).
+//! the worker only records the written chunks, in batches (see [`Relay`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -56,15 +56,16 @@ pub(crate) enum Msg {
     Flush(Sender<()>),
     /// Exit once no job is left.
     Shutdown,
-    /// The write of sub-job `sub` completed; it was submitted straight from the
-    /// dm-io completion thread when the read succeeded, so the worker never saw
-    /// the read's completion.
-    ForwardedIo { sub: usize, completion: DmIoCompletion },
-    /// A relayed write of sub-job `sub` succeeded, and its callback claimed the
-    /// job's next chunk (`offset`, `sectors`) for the same sub-job and pages.
-    /// Unless `submitted`, dm-io refused that chunk's read, and the worker
-    /// issues it into `memory`, the pages handed back.
-    Relayed { sub: usize, offset: u64, sectors: u64, submitted: bool, memory: Option<DmIoMemory> },
+    /// A relayed sub-job `sub` comes back to the worker, now at chunk
+    /// (`offset`, `sectors`) (the relay may have moved it on since the worker
+    /// last heard of it), with the completion of that chunk's `stage`: a read
+    /// that failed or whose write dm-io refused, or a write.
+    Relay { sub: usize, offset: u64, sectors: u64, stage: Stage, completion: DmIoCompletion },
+    /// The relay claimed chunk (`offset`, `sectors`) for sub-job `sub`, but
+    /// dm-io refused its read: the worker issues it into `memory`.
+    RelayRefused { sub: usize, offset: u64, sectors: u64, memory: Option<DmIoMemory> },
+    /// Relays have written chunks to account (see `Relay::done`).
+    RelayDone,
 }
 
 /// Sends messages to a client's worker.
@@ -272,7 +273,6 @@ struct Job {
     /// The error-free prefix (sectors), and finished error-free chunks beyond it.
     prefix: u64,
     ok_beyond: BTreeMap<u64, u64>,
-    bytes_done: u64,
 }
 
 impl Job {
@@ -314,7 +314,7 @@ impl Job {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Stage {
+pub(crate) enum Stage {
     Read,
     Write,
 }
@@ -489,48 +489,46 @@ impl Worker {
             }
             Msg::Flush(reply) => self.flushes.push(reply),
             Msg::Shutdown => self.exiting = true,
-            Msg::ForwardedIo { sub: key, completion } => {
-                // The read's callback already counted the bytes read.
+            Msg::Relay { sub: key, offset, sectors, stage, completion } => {
                 if let Some(sub) = self.subs.get_mut(key) {
-                    sub.stage = Stage::Write;
-                    sub.op = DmIoOp::Write;
+                    sub.offset = offset;
+                    sub.sectors = sectors;
+                    sub.stage = stage;
+                    sub.op = if stage == Stage::Read { DmIoOp::Read } else { DmIoOp::Write };
+                    sub.read_failed = false;
+                    let job = sub.job;
+                    self.account_relayed(job);
                 }
                 self.stage_done(key, completion.error_bits, completion.failures, completion.memory);
             }
-            Msg::Relayed { sub, offset, sectors, submitted, memory } => {
-                self.relayed(sub, offset, sectors, submitted, memory)
+            Msg::RelayRefused { sub: key, offset, sectors, memory } => {
+                if let Some(sub) = self.subs.get_mut(key) {
+                    sub.offset = offset;
+                    sub.sectors = sectors;
+                    sub.stage = Stage::Read;
+                    sub.op = DmIoOp::Read;
+                    sub.read_failed = false;
+                    sub.memory = memory;
+                    self.issue(key);
+                }
+            }
+            Msg::RelayDone => {
+                for key in self.jobs.keys() {
+                    self.account_relayed(key);
+                }
             }
         }
     }
 
     /// A relayed chunk was written to every destination without error, and its
     /// sub-job went on with the next chunk: account the one, adopt the other.
-    fn relayed(
-        &mut self,
-        key: usize,
-        offset: u64,
-        sectors: u64,
-        submitted: bool,
-        memory: Option<DmIoMemory>,
-    ) {
-        let Some(sub) = self.subs.get_mut(key) else { return };
-        let (done_offset, done_sectors) = (sub.offset, sub.sectors);
-        sub.offset = offset;
-        sub.sectors = sectors;
-        sub.stage = Stage::Read;
-        sub.op = DmIoOp::Read;
-        sub.read_failed = false;
-        sub.memory = memory;
-        let job_key = sub.job;
+    /// Records the chunks the job's relay wrote without error as done.
+    fn account_relayed(&mut self, job_key: usize) {
         let Some(job) = self.jobs.get_mut(job_key) else { return };
-        let bytes = done_sectors * SECTOR_SIZE;
-        let counters = &self.shared.counters;
-        counters.bytes_written.fetch_add(bytes * job.dests.len() as u64, Ordering::Relaxed);
-        job.bytes_done += bytes;
-        job.shared.bytes_done.store(job.bytes_done, Ordering::Release);
-        job.record_ok(done_offset, done_sectors);
-        if !submitted {
-            self.issue(key);
+        let Some(relay) = job.relay.clone() else { return };
+        let done = std::mem::take(&mut *relay.done.lock().unwrap_or_else(|e| e.into_inner()));
+        for (offset, sectors) in done {
+            job.record_ok(offset, sectors);
         }
     }
 
@@ -567,6 +565,7 @@ impl Worker {
                     ignores_errors: spec.flags.contains(CopyFlags::IGNORE_ERROR),
                     ioprio: self.ioprio,
                     stopped: AtomicBool::new(false),
+                    done: Mutex::new(Vec::with_capacity(RELAY_DONE_BATCH)),
                 }))
             }
             _ => None,
@@ -594,7 +593,6 @@ impl Worker {
             seq_parked: BTreeMap::new(),
             prefix: 0,
             ok_beyond: BTreeMap::new(),
-            bytes_done: 0,
         });
         if total_sectors == 0 {
             self.maybe_finish(key);
@@ -952,8 +950,8 @@ impl Worker {
         let job_key = sub.job;
         let Some(job) = self.jobs.get_mut(job_key) else { return };
         job.in_flight -= 1;
-        job.bytes_done += sub.sectors * SECTOR_SIZE;
-        job.shared.bytes_done.store(job.bytes_done, Ordering::Release);
+        // Shared with the relay, which adds the chunks it finishes.
+        job.shared.bytes_done.fetch_add(sub.sectors * SECTOR_SIZE, Ordering::AcqRel);
         if ok {
             job.record_ok(sub.offset, sub.sectors);
         }
@@ -974,6 +972,7 @@ impl Worker {
         if job.in_flight > 0 || job.queued > 0 || !job.seq_parked.is_empty() || job.can_claim() {
             return;
         }
+        self.account_relayed(key);
         let Some(mut job) = self.jobs.remove(key) else { return };
         let outcome = JobOutcome {
             read_err: job.read_err,
@@ -983,7 +982,7 @@ impl Worker {
                 && !job.failed
                 && job.next_sector() < job.total_sectors,
             total_bytes: job.total_sectors * SECTOR_SIZE,
-            bytes_done: job.bytes_done,
+            bytes_done: job.shared.bytes_done.load(Ordering::Acquire),
             completed_prefix_bytes: job.prefix * SECTOR_SIZE,
             used_write_zeroes: job.used_write_zeroes,
             failures: std::mem::take(&mut job.failures),
@@ -1019,9 +1018,10 @@ fn claim_chunk(cursor: &AtomicU64, total: u64, step: u64) -> Option<(u64, u64)> 
 /// The fast path of a copy job without throttle or WRITE_SEQ, run by dm-io
 /// callbacks on the completion thread: a chunk's read callback submits its
 /// write to every destination, and that write's callback claims the job's next
-/// chunk and submits its read into the same pages. The worker hears of each
-/// chunk once, when it is written, and none of its work is on the I/O path.
-/// Anything unusual (an error, a refused submission, a cancel or stop, another
+/// chunk and submits its read into the same pages. The callbacks count each
+/// written chunk's bytes themselves and list it for the worker's error-free
+/// prefix; the worker is woken only every `RELAY_DONE_BATCH` chunks, and none
+/// of its work is on the I/O path. Anything unusual (an error, a refused submission, a cancel or stop, another
 /// job waiting for pages, the job's end) hands the sub-job back to the worker,
 /// which then goes on exactly as without the relay.
 struct Relay {
@@ -1043,7 +1043,16 @@ struct Relay {
     /// job, and here at the first error that will stop it (so that no chunk
     /// starts after an error, as when the worker sees the error first).
     stopped: AtomicBool,
+    /// Chunks (offset, sectors) written without error whose sub-job went on
+    /// with the next chunk, for the worker's error-free prefix. Their bytes
+    /// are already counted; the worker takes the list when it hears from the
+    /// relay (every `RELAY_DONE_BATCH` chunks, and whenever a sub-job comes
+    /// back), so the worker is not woken for every chunk.
+    done: Mutex<Vec<(u64, u64)>>,
 }
+
+/// How many relayed chunks wait for the worker's accounting before it is woken.
+const RELAY_DONE_BATCH: usize = 64;
 
 impl Relay {
     fn send(&self, msg: Msg) {
@@ -1094,9 +1103,9 @@ impl Relay {
                 .map(|r| DmIoRegion::new(&r.device, r.sector + offset, sectors))
                 .collect();
             let relay = self.clone();
-            let write = DmIoRequest::write(memory)
-                .with_ioprio(self.ioprio)
-                .with_notify(Notify::new(move |completion| relay.write_done(sub, completion)));
+            let write = DmIoRequest::write(memory).with_ioprio(self.ioprio).with_notify(
+                Notify::new(move |completion| relay.write_done(sub, offset, sectors, completion)),
+            );
             match dmio.try_submit(write, &dests) {
                 Ok(()) => {
                     let bytes = sectors * SECTOR_SIZE;
@@ -1106,12 +1115,19 @@ impl Relay {
                 Err(refused) => completion.memory = refused.request.memory,
             }
         }
-        self.send(Msg::Io { sub, completion });
+        self.send(Msg::Relay { sub, offset, sectors, stage: Stage::Read, completion });
     }
 
-    /// The write of sub-job `sub` ended: on success, go on with the job's next
-    /// chunk in the same pages when nothing stands in the way.
-    fn write_done(self: Arc<Self>, sub: usize, mut completion: DmIoCompletion) {
+    /// The write of chunk (`offset`, `sectors`) of sub-job `sub` ended: on
+    /// success, go on with the job's next chunk in the same pages when nothing
+    /// stands in the way.
+    fn write_done(
+        self: Arc<Self>,
+        sub: usize,
+        offset: u64,
+        sectors: u64,
+        mut completion: DmIoCompletion,
+    ) {
         if !completion.error_bits.is_empty() {
             self.error();
         } else if !self.stopped.load(Ordering::Acquire)
@@ -1119,18 +1135,30 @@ impl Relay {
             && !self.client.pages_wanted.load(Ordering::Acquire)
             && completion.memory.is_some()
             && let Some(dmio) = self.dmio.upgrade()
-            && let Some((offset, sectors)) =
+            && let Some((next, next_sectors)) =
                 claim_chunk(&self.next_sector, self.total_sectors, self.sub_job_sectors)
             && let Some(memory) = completion.memory.take()
         {
-            self.client.counters.sub_jobs.fetch_add(1, Ordering::Relaxed);
-            let (submitted, memory) = match self.submit_read(&dmio, sub, offset, sectors, memory) {
-                Ok(()) => (true, None),
-                Err(memory) => (false, memory),
+            // This chunk is done: account it here; the worker records it in
+            // the job's error-free prefix later.
+            let bytes = sectors * SECTOR_SIZE;
+            let counters = &self.client.counters;
+            counters.bytes_written.fetch_add(bytes * self.dests.len() as u64, Ordering::Relaxed);
+            counters.sub_jobs.fetch_add(1, Ordering::Relaxed);
+            self.job.bytes_done.fetch_add(bytes, Ordering::AcqRel);
+            let waiting = {
+                let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+                done.push((offset, sectors));
+                done.len()
             };
-            self.send(Msg::Relayed { sub, offset, sectors, submitted, memory });
+            if waiting == RELAY_DONE_BATCH {
+                self.send(Msg::RelayDone);
+            }
+            if let Err(memory) = self.submit_read(&dmio, sub, next, next_sectors, memory) {
+                self.send(Msg::RelayRefused { sub, offset: next, sectors: next_sectors, memory });
+            }
             return;
         }
-        self.send(Msg::ForwardedIo { sub, completion });
+        self.send(Msg::Relay { sub, offset, sectors, stage: Stage::Write, completion });
     }
 }
