@@ -35,8 +35,16 @@ use crate::region::DmIoRegion;
 use crate::request::{DmIoOp, DmIoRequest, ReqFlags};
 
 /// From this many ops in flight on, the completion thread waits for batches of
-/// completions instead of single ones.
+/// completions instead of single ones...
 const BATCH_MIN_IN_FLIGHT: usize = 8;
+
+/// ...as long as the ops in flight average at most this many bytes. Small ops
+/// complete microseconds apart, so a batch fills within the wait's 10 µs
+/// minimum and saves wake-ups. Large ones complete far apart: the batch never
+/// fills, every wait runs into the minimum's timer, and each completion is
+/// delayed by it (a kcopyd copy of 512 KiB chunks between RAM loop devices ran
+/// 1.1-1.4x faster with single waits).
+const BATCH_MAX_AVG_OP_BYTES: u64 = 64 << 10;
 
 /// How often an op failing with EINTR, EAGAIN or EBUSY is reissued before the
 /// error is reported.
@@ -283,6 +291,7 @@ pub(crate) fn run(
         completions: Vec::with_capacity(op_slots + 8),
         local: VecDeque::with_capacity(op_slots),
         in_flight_ops: 0,
+        in_flight_bytes: 0,
         fixed,
         _pool: pool,
         max_op_bytes: config.max_op_bytes,
@@ -311,6 +320,8 @@ struct Dispatcher {
     /// Completions made up here (fault injection, a full queue).
     local: VecDeque<(u64, i32)>,
     in_flight_ops: usize,
+    /// The lengths of the ops in flight, summed.
+    in_flight_bytes: u64,
     /// Registered buffers: (start address, length, index).
     fixed: Vec<(usize, usize, u16)>,
     /// Keeps the registered arena alive as long as the ring.
@@ -348,7 +359,10 @@ impl Dispatcher {
                     wait = Wait::No;
                 }
             }
-            if wait == Wait::Forever && self.in_flight_ops >= BATCH_MIN_IN_FLIGHT {
+            if wait == Wait::Forever
+                && self.in_flight_ops >= BATCH_MIN_IN_FLIGHT
+                && self.in_flight_bytes <= self.in_flight_ops as u64 * BATCH_MAX_AVG_OP_BYTES
+            {
                 // Many ops in flight: wait for a quarter of them (bounded in time by
                 // the engine). Waking once per completion costs more than the I/O
                 // on a VM; batches keep the ring full with fewer sleeps.
@@ -425,6 +439,8 @@ impl Dispatcher {
             if self.delayed[i].0 <= now {
                 let (_, op) = self.delayed.swap_remove(i);
                 self.in_flight_ops -= 1;
+                self.in_flight_bytes =
+                    self.in_flight_bytes.saturating_sub(self.ops[op as usize].len);
                 let request = self.ops[op as usize].request as usize;
                 if let Some(mut slot) = self.active[request].take() {
                     slot.progress.in_flight -= 1;
@@ -698,6 +714,7 @@ impl Dispatcher {
     fn launch(&mut self, op: u32, slot: &mut RequestSlot) {
         slot.progress.in_flight += 1;
         self.in_flight_ops += 1;
+        self.in_flight_bytes += self.ops[op as usize].len;
         #[cfg(feature = "fault-injection")]
         if !self.ops[op as usize].fault_checked {
             self.ops[op as usize].fault_checked = true;
@@ -770,6 +787,7 @@ impl Dispatcher {
         };
         let request = o.request as usize;
         self.in_flight_ops = self.in_flight_ops.saturating_sub(1);
+        self.in_flight_bytes = self.in_flight_bytes.saturating_sub(o.len);
         let Some(mut slot) = self.active.get_mut(request).and_then(Option::take) else {
             self.free_ops.push(op);
             return;

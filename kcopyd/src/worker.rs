@@ -6,11 +6,16 @@
 //! worker handles every message waiting (completions hand pages back, finished
 //! jobs run their callbacks), then retries throttled I/O, then starts sub-jobs
 //! from the page queue: the kernel's complete → pages → io order.
+//!
+//! The one exception is a copy job's relay (no throttle, no WRITE_SEQ): its
+//! chunks go from read to write to the next chunk's read in dm-io callbacks on
+//! the completion thread, which claim chunks from the job's shared cursor, and
+//! the worker only records the written chunks, in batches (see [`Relay`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::thread::ThreadId;
 use std::time::Instant;
 
@@ -51,9 +56,16 @@ pub(crate) enum Msg {
     Flush(Sender<()>),
     /// Exit once no job is left.
     Shutdown,
-    /// The read of sub-job `sub` succeeded and its write was submitted straight
-    /// from the dm-io completion thread.
-    Forwarded { sub: usize },
+    /// A relayed sub-job `sub` comes back to the worker, now at chunk
+    /// (`offset`, `sectors`) (the relay may have moved it on since the worker
+    /// last heard of it), with the completion of that chunk's `stage`: a read
+    /// that failed or whose write dm-io refused, or a write.
+    Relay { sub: usize, offset: u64, sectors: u64, stage: Stage, completion: DmIoCompletion },
+    /// The relay claimed chunk (`offset`, `sectors`) for sub-job `sub`, but
+    /// dm-io refused its read: the worker issues it into `memory`.
+    RelayRefused { sub: usize, offset: u64, sectors: u64, memory: Option<DmIoMemory> },
+    /// Relays have written chunks to account (see `Relay::done`).
+    RelayDone,
 }
 
 /// Sends messages to a client's worker.
@@ -102,6 +114,9 @@ pub(crate) struct ClientShared {
     all_done: Condvar,
     pub(crate) worker: OnceLock<ThreadId>,
     pub(crate) counters: Counters,
+    /// Some job waits in the page queue: relayed sub-jobs then hand their pages
+    /// back through the worker instead of claiming the next chunk themselves.
+    pages_wanted: AtomicBool,
 }
 
 impl ClientShared {
@@ -112,6 +127,7 @@ impl ClientShared {
             all_done: Condvar::new(),
             worker: OnceLock::new(),
             counters: Counters::default(),
+            pages_wanted: AtomicBool::new(false),
         })
     }
 
@@ -231,7 +247,11 @@ struct Job {
     zero_op: DmIoOp,
     total_sectors: u64,
     /// Everything below this (relative to the regions' starts) has been claimed.
-    next_sector: u64,
+    /// Shared with the relay, whose callbacks claim chunks too.
+    next_sector: Arc<AtomicU64>,
+    /// Set for copy jobs without a throttle or WRITE_SEQ: their chunks go from
+    /// read to write to the next chunk's read on the dm-io completion thread.
+    relay: Option<Arc<Relay>>,
     in_flight: usize,
     /// Entries of this job in the page queue.
     queued: usize,
@@ -253,7 +273,6 @@ struct Job {
     /// The error-free prefix (sectors), and finished error-free chunks beyond it.
     prefix: u64,
     ok_beyond: BTreeMap<u64, u64>,
-    bytes_done: u64,
 }
 
 impl Job {
@@ -269,8 +288,12 @@ impl Job {
         self.shared.cancel.load(Ordering::Acquire)
     }
 
+    fn next_sector(&self) -> u64 {
+        self.next_sector.load(Ordering::Acquire)
+    }
+
     fn can_claim(&self) -> bool {
-        !self.stopped && !self.cancel_requested() && self.next_sector < self.total_sectors
+        !self.stopped && !self.cancel_requested() && self.next_sector() < self.total_sectors
     }
 
     fn add_failures(&mut self, failures: Vec<RegionFailure>) {
@@ -291,7 +314,7 @@ impl Job {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Stage {
+pub(crate) enum Stage {
     Read,
     Write,
 }
@@ -365,6 +388,7 @@ impl Worker {
             Arc::new(move |completion: DmIoCompletion, sub: usize| {
                 let _ = tx.send(Msg::Io { sub, completion });
             });
+
         Worker {
             shared: setup.shared,
             rx: setup.rx,
@@ -431,6 +455,7 @@ impl Worker {
                     break;
                 }
             }
+            self.shared.pages_wanted.store(!self.page_queue.is_empty(), Ordering::Release);
             for flush in self.flushes.drain(..) {
                 let _ = flush.send(());
             }
@@ -464,14 +489,46 @@ impl Worker {
             }
             Msg::Flush(reply) => self.flushes.push(reply),
             Msg::Shutdown => self.exiting = true,
-            Msg::Forwarded { sub } => {
-                if let Some(sub) = self.subs.get_mut(sub) {
-                    sub.stage = Stage::Write;
-                    sub.op = DmIoOp::Write;
-                    let bytes = sub.sectors * SECTOR_SIZE;
-                    self.shared.counters.bytes_read.fetch_add(bytes, Ordering::Relaxed);
+            Msg::Relay { sub: key, offset, sectors, stage, completion } => {
+                if let Some(sub) = self.subs.get_mut(key) {
+                    sub.offset = offset;
+                    sub.sectors = sectors;
+                    sub.stage = stage;
+                    sub.op = if stage == Stage::Read { DmIoOp::Read } else { DmIoOp::Write };
+                    sub.read_failed = false;
+                    let job = sub.job;
+                    self.account_relayed(job);
+                }
+                self.stage_done(key, completion.error_bits, completion.failures, completion.memory);
+            }
+            Msg::RelayRefused { sub: key, offset, sectors, memory } => {
+                if let Some(sub) = self.subs.get_mut(key) {
+                    sub.offset = offset;
+                    sub.sectors = sectors;
+                    sub.stage = Stage::Read;
+                    sub.op = DmIoOp::Read;
+                    sub.read_failed = false;
+                    sub.memory = memory;
+                    self.issue(key);
                 }
             }
+            Msg::RelayDone => {
+                for key in self.jobs.keys() {
+                    self.account_relayed(key);
+                }
+            }
+        }
+    }
+
+    /// A relayed chunk was written to every destination without error, and its
+    /// sub-job went on with the next chunk: account the one, adopt the other.
+    /// Records the chunks the job's relay wrote without error as done.
+    fn account_relayed(&mut self, job_key: usize) {
+        let Some(job) = self.jobs.get_mut(job_key) else { return };
+        let Some(relay) = job.relay.clone() else { return };
+        let done = std::mem::take(&mut *relay.done.lock().unwrap_or_else(|e| e.into_inner()));
+        for (offset, sectors) in done {
+            job.record_ok(offset, sectors);
         }
     }
 
@@ -491,15 +548,38 @@ impl Worker {
             DmIoOp::Write
         };
         let is_copy = source.is_some();
+        let next_sector = Arc::new(AtomicU64::new(0));
+        let relay = match &source {
+            Some(source)
+                if self.throttle.is_none() && !spec.flags.contains(CopyFlags::WRITE_SEQ) =>
+            {
+                Some(Arc::new(Relay {
+                    dmio: Arc::downgrade(&self.dmio),
+                    client: self.shared.clone(),
+                    job: spec.shared.clone(),
+                    source: source.clone(),
+                    dests: spec.dests.clone(),
+                    next_sector: next_sector.clone(),
+                    total_sectors,
+                    sub_job_sectors: self.sub_job_sectors,
+                    ignores_errors: spec.flags.contains(CopyFlags::IGNORE_ERROR),
+                    ioprio: self.ioprio,
+                    stopped: AtomicBool::new(false),
+                    done: Mutex::new(Vec::with_capacity(RELAY_DONE_BATCH)),
+                }))
+            }
+            _ => None,
+        };
         let key = self.jobs.insert(Job {
             source,
+            relay,
             dests: spec.dests,
             flags: spec.flags,
             notify: Some(spec.notify),
             shared: spec.shared,
             zero_op,
             total_sectors,
-            next_sector: 0,
+            next_sector,
             in_flight: 0,
             queued: 0,
             stopped: false,
@@ -513,7 +593,6 @@ impl Worker {
             seq_parked: BTreeMap::new(),
             prefix: 0,
             ok_beyond: BTreeMap::new(),
-            bytes_done: 0,
         });
         if total_sectors == 0 {
             self.maybe_finish(key);
@@ -532,9 +611,8 @@ impl Worker {
     /// Claims the job's next chunk: (offset, sectors).
     fn claim(&mut self, key: usize) -> Option<(u64, u64)> {
         let job = self.jobs.get_mut(key)?;
-        let sectors = self.sub_job_sectors.min(job.total_sectors - job.next_sector);
-        let offset = job.next_sector;
-        job.next_sector += sectors;
+        let (offset, sectors) =
+            claim_chunk(&job.next_sector, job.total_sectors, self.sub_job_sectors)?;
         job.in_flight += 1;
         self.shared.counters.sub_jobs.fetch_add(1, Ordering::Relaxed);
         Some((offset, sectors))
@@ -601,7 +679,10 @@ impl Worker {
             self.page_blocked = false;
             self.page_queue.pop_front();
             job.queued -= 1;
-            let Some((offset, sectors)) = self.claim(key) else { continue };
+            let Some((offset, sectors)) = self.claim(key) else {
+                self.maybe_finish(key);
+                continue;
+            };
             let sub = self.subs.insert(SubJob {
                 job: key,
                 offset,
@@ -688,12 +769,14 @@ impl Worker {
         let req = req.with_ioprio(self.ioprio);
         // A copy chunk's write normally starts from the worker once the read's
         // completion reaches it. Without a throttle to ask and without WRITE_SEQ
-        // ordering to keep, the read's own callback submits the write at once,
-        // on the completion thread: two thread hand-offs fewer per chunk.
-        let req = if op == DmIoOp::Read && self.throttle.is_none() && !job.is_seq() {
-            req.with_notify(Notify::new(
-                self.forward_write(key, job.dests.iter().map(at).collect()),
-            ))
+        // ordering to keep, the job's relay takes over: the read's callback
+        // submits the write, and the write's callback the next chunk's read, all
+        // on the completion thread (see `Relay`).
+        let req = if let (DmIoOp::Read, Some(relay)) = (op, &job.relay) {
+            let relay = relay.clone();
+            req.with_notify(Notify::new(move |completion| {
+                relay.read_done(key, offset, sectors, completion)
+            }))
         } else {
             req.with_notify(Notify::shared(&self.handler, key))
         };
@@ -718,41 +801,6 @@ impl Worker {
                 })
                 .collect();
             self.local_failures.push_back(LocalFailure { sub: key, error_bits, failures });
-        }
-    }
-
-    /// The callback of a chunk's read on the fast path: on success, submit the
-    /// write to `dests` from the completion thread and tell the worker; on an
-    /// error, or when dm-io refuses the write (no free slot in a callback), hand
-    /// the read's completion to the worker as usual, memory included.
-    fn forward_write(
-        &self,
-        sub: usize,
-        dests: Vec<DmIoRegion>,
-    ) -> impl FnOnce(DmIoCompletion) + Send + 'static {
-        // Weak: the callback must never hold the last reference to the client it
-        // runs on (it cannot: the worker and the kcopyd client hold strong ones
-        // until every job is over, but a weak one makes that not matter).
-        let dmio = Arc::downgrade(&self.dmio);
-        let handler = self.handler.clone();
-        let tx = self.shared.notifier.tx.clone();
-        let ioprio = self.ioprio;
-        move |mut completion: DmIoCompletion| {
-            if completion.error_bits.is_empty()
-                && let (Some(memory), Some(dmio)) = (completion.memory.take(), dmio.upgrade())
-            {
-                let write = DmIoRequest::write(memory)
-                    .with_ioprio(ioprio)
-                    .with_notify(Notify::shared(&handler, sub));
-                match dmio.try_submit(write, &dests) {
-                    Ok(()) => {
-                        let _ = tx.send(Msg::Forwarded { sub });
-                        return;
-                    }
-                    Err(refused) => completion.memory = refused.request.memory,
-                }
-            }
-            let _ = tx.send(Msg::Io { sub, completion });
         }
     }
 
@@ -885,6 +933,9 @@ impl Worker {
     fn stop(&mut self, job_key: usize) {
         let Some(job) = self.jobs.get_mut(job_key) else { return };
         job.stopped = true;
+        if let Some(relay) = &job.relay {
+            relay.stopped.store(true, Ordering::Release);
+        }
         if job.queued > 0 {
             job.queued = 0;
             self.page_queue.retain(|&k| k != job_key);
@@ -899,8 +950,8 @@ impl Worker {
         let job_key = sub.job;
         let Some(job) = self.jobs.get_mut(job_key) else { return };
         job.in_flight -= 1;
-        job.bytes_done += sub.sectors * SECTOR_SIZE;
-        job.shared.bytes_done.store(job.bytes_done, Ordering::Release);
+        // Shared with the relay, which adds the chunks it finishes.
+        job.shared.bytes_done.fetch_add(sub.sectors * SECTOR_SIZE, Ordering::AcqRel);
         if ok {
             job.record_ok(sub.offset, sub.sectors);
         }
@@ -921,14 +972,17 @@ impl Worker {
         if job.in_flight > 0 || job.queued > 0 || !job.seq_parked.is_empty() || job.can_claim() {
             return;
         }
+        self.account_relayed(key);
         let Some(mut job) = self.jobs.remove(key) else { return };
         let outcome = JobOutcome {
             read_err: job.read_err,
             write_err: job.write_err,
             // A job that had already failed reports its error, not the cancel.
-            cancelled: job.cancel_requested() && !job.failed && job.next_sector < job.total_sectors,
+            cancelled: job.cancel_requested()
+                && !job.failed
+                && job.next_sector() < job.total_sectors,
             total_bytes: job.total_sectors * SECTOR_SIZE,
-            bytes_done: job.bytes_done,
+            bytes_done: job.shared.bytes_done.load(Ordering::Acquire),
             completed_prefix_bytes: job.prefix * SECTOR_SIZE,
             used_write_zeroes: job.used_write_zeroes,
             failures: std::mem::take(&mut job.failures),
@@ -948,5 +1002,163 @@ impl Worker {
             job.finished.store(true, Ordering::Release);
         }
         self.shared.end_job();
+    }
+}
+
+/// Claims the next chunk below `total` (sectors): (offset, sectors).
+fn claim_chunk(cursor: &AtomicU64, total: u64, step: u64) -> Option<(u64, u64)> {
+    let offset = cursor
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |next| {
+            (next < total).then(|| next + step.min(total - next))
+        })
+        .ok()?;
+    Some((offset, step.min(total - offset)))
+}
+
+/// The fast path of a copy job without throttle or WRITE_SEQ, run by dm-io
+/// callbacks on the completion thread: a chunk's read callback submits its
+/// write to every destination, and that write's callback claims the job's next
+/// chunk and submits its read into the same pages. The callbacks count each
+/// written chunk's bytes themselves and list it for the worker's error-free
+/// prefix; the worker is woken only every `RELAY_DONE_BATCH` chunks, and none
+/// of its work is on the I/O path. Anything unusual (an error, a refused submission, a cancel or stop, another
+/// job waiting for pages, the job's end) hands the sub-job back to the worker,
+/// which then goes on exactly as without the relay.
+struct Relay {
+    /// Weak: a callback must never hold the last reference to the client it
+    /// runs on (the worker and the kcopyd client hold strong ones until every
+    /// job is over, but a weak one makes that not matter).
+    dmio: Weak<DmIoClient>,
+    client: Arc<ClientShared>,
+    job: Arc<JobShared>,
+    source: DmIoRegion,
+    dests: Vec<DmIoRegion>,
+    /// The job's claim cursor, shared with the worker.
+    next_sector: Arc<AtomicU64>,
+    total_sectors: u64,
+    sub_job_sectors: u64,
+    ignores_errors: bool,
+    ioprio: IoPriority,
+    /// No more chunks are claimed here: set by the worker when it stops the
+    /// job, and here at the first error that will stop it (so that no chunk
+    /// starts after an error, as when the worker sees the error first).
+    stopped: AtomicBool,
+    /// Chunks (offset, sectors) written without error whose sub-job went on
+    /// with the next chunk, for the worker's error-free prefix. Their bytes
+    /// are already counted; the worker takes the list when it hears from the
+    /// relay (every `RELAY_DONE_BATCH` chunks, and whenever a sub-job comes
+    /// back), so the worker is not woken for every chunk.
+    done: Mutex<Vec<(u64, u64)>>,
+}
+
+/// How many relayed chunks wait for the worker's accounting before it is woken.
+const RELAY_DONE_BATCH: usize = 64;
+
+impl Relay {
+    fn send(&self, msg: Msg) {
+        self.client.notifier.send(msg);
+    }
+
+    /// Notes an error: unless the job goes on after errors, nothing more is
+    /// claimed here.
+    fn error(&self) {
+        if !self.ignores_errors {
+            self.stopped.store(true, Ordering::Release);
+        }
+    }
+
+    /// Submits the read of chunk (`offset`, `sectors`) of sub-job `sub` into
+    /// `memory`; gives the memory back when dm-io refuses it.
+    fn submit_read(
+        self: &Arc<Self>,
+        dmio: &DmIoClient,
+        sub: usize,
+        offset: u64,
+        sectors: u64,
+        memory: DmIoMemory,
+    ) -> Result<(), Option<DmIoMemory>> {
+        let relay = self.clone();
+        let read = DmIoRequest::read(memory).with_ioprio(self.ioprio).with_notify(Notify::new(
+            move |completion| relay.read_done(sub, offset, sectors, completion),
+        ));
+        let region = DmIoRegion::new(&self.source.device, self.source.sector + offset, sectors);
+        dmio.try_submit(read, std::slice::from_ref(&region))
+            .map_err(|refused| refused.request.memory)
+    }
+
+    /// The read of chunk (`offset`, `sectors`) of sub-job `sub` ended.
+    fn read_done(
+        self: Arc<Self>,
+        sub: usize,
+        offset: u64,
+        sectors: u64,
+        mut completion: DmIoCompletion,
+    ) {
+        if !completion.error_bits.is_empty() {
+            self.error();
+        } else if let (Some(memory), Some(dmio)) = (completion.memory.take(), self.dmio.upgrade()) {
+            let dests: Vec<DmIoRegion> = self
+                .dests
+                .iter()
+                .map(|r| DmIoRegion::new(&r.device, r.sector + offset, sectors))
+                .collect();
+            let relay = self.clone();
+            let write = DmIoRequest::write(memory).with_ioprio(self.ioprio).with_notify(
+                Notify::new(move |completion| relay.write_done(sub, offset, sectors, completion)),
+            );
+            match dmio.try_submit(write, &dests) {
+                Ok(()) => {
+                    let bytes = sectors * SECTOR_SIZE;
+                    self.client.counters.bytes_read.fetch_add(bytes, Ordering::Relaxed);
+                    return;
+                }
+                Err(refused) => completion.memory = refused.request.memory,
+            }
+        }
+        self.send(Msg::Relay { sub, offset, sectors, stage: Stage::Read, completion });
+    }
+
+    /// The write of chunk (`offset`, `sectors`) of sub-job `sub` ended: on
+    /// success, go on with the job's next chunk in the same pages when nothing
+    /// stands in the way.
+    fn write_done(
+        self: Arc<Self>,
+        sub: usize,
+        offset: u64,
+        sectors: u64,
+        mut completion: DmIoCompletion,
+    ) {
+        if !completion.error_bits.is_empty() {
+            self.error();
+        } else if !self.stopped.load(Ordering::Acquire)
+            && !self.job.cancel.load(Ordering::Acquire)
+            && !self.client.pages_wanted.load(Ordering::Acquire)
+            && completion.memory.is_some()
+            && let Some(dmio) = self.dmio.upgrade()
+            && let Some((next, next_sectors)) =
+                claim_chunk(&self.next_sector, self.total_sectors, self.sub_job_sectors)
+            && let Some(memory) = completion.memory.take()
+        {
+            // This chunk is done: account it here; the worker records it in
+            // the job's error-free prefix later.
+            let bytes = sectors * SECTOR_SIZE;
+            let counters = &self.client.counters;
+            counters.bytes_written.fetch_add(bytes * self.dests.len() as u64, Ordering::Relaxed);
+            counters.sub_jobs.fetch_add(1, Ordering::Relaxed);
+            self.job.bytes_done.fetch_add(bytes, Ordering::AcqRel);
+            let waiting = {
+                let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+                done.push((offset, sectors));
+                done.len()
+            };
+            if waiting == RELAY_DONE_BATCH {
+                self.send(Msg::RelayDone);
+            }
+            if let Err(memory) = self.submit_read(&dmio, sub, next, next_sectors, memory) {
+                self.send(Msg::RelayRefused { sub, offset: next, sectors: next_sectors, memory });
+            }
+            return;
+        }
+        self.send(Msg::Relay { sub, offset, sectors, stage: Stage::Write, completion });
     }
 }
