@@ -117,7 +117,7 @@ fn life_cycle_create_write_read_status_stats_run_sync_destroy() {
         "1",
         "--verify",
         "--working-set",
-        "8m",
+        "512k", // below the data written at 1 MiB
     ]));
     assert!(run.contains("reads verified"), "{run}");
 
