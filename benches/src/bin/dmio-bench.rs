@@ -28,9 +28,17 @@
 //! `lat_p99_ns`, `lat_p999_ns`, `cpu_user_s`, `cpu_sys_s`, `system_busy_s`, ...);
 //! `benches/run-fio-compare.sh` runs it side by side with fio.
 
+#[path = "../shared/args.rs"]
+mod args;
+#[path = "../shared/cpu.rs"]
+mod cpu;
+use args::parse_size;
+use cpu::{SystemCpu, clock_ticks, loop_dio, process_cpu};
+use flashcache_core::sim::SplitMix64;
+
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -175,50 +183,12 @@ struct Args {
     api: Api,
 }
 
-/// Parses `4096`, `4k`, `4K`, `4KiB`, `1m`, `2g` (powers of 1024, as fio).
-fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let lower = t.to_ascii_lowercase();
-    let lower = lower.strip_suffix("ib").or_else(|| lower.strip_suffix('b')).unwrap_or(&lower);
-    let (digits, shift) = match lower.chars().last() {
-        Some('k') => (&lower[..lower.len() - 1], 10),
-        Some('m') => (&lower[..lower.len() - 1], 20),
-        Some('g') => (&lower[..lower.len() - 1], 30),
-        Some('t') => (&lower[..lower.len() - 1], 40),
-        _ => (lower, 0),
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("`{text}` is not a size (examples: 4096, 4k, 1m, 2g)"))?;
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("`{text}` is too large"))
-}
-
 /// Run phases, as seen by the callbacks.
 const PHASE_RAMP: u8 = 0;
 /// Completions are recorded.
 const PHASE_MEASURE: u8 = 1;
 /// Completions are not resubmitted.
 const PHASE_STOP: u8 = 2;
-
-/// splitmix64: a fast, well-mixed 64-bit generator.
-#[derive(Debug)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    /// The next value.
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A value uniform in `0..n` (Lemire's multiply-shift, no division).
-    fn below(&mut self, n: u64) -> u64 {
-        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
-    }
-}
 
 /// State touched on every completion; only the completion thread uses it once
 /// the initial requests are in, so its lock is uncontended.
@@ -359,65 +329,6 @@ impl NotifyHandler for Driver {
     }
 }
 
-/// CPU time of this process (all threads), in seconds: (user, system).
-fn process_cpu() -> (f64, f64) {
-    // SAFETY: `rusage` is plain old data; all-zero bytes are a valid value.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: getrusage writes one `rusage` through a valid, exclusive pointer.
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    if rc != 0 {
-        return (0.0, 0.0);
-    }
-    let secs = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
-    (secs(usage.ru_utime), secs(usage.ru_stime))
-}
-
-/// Aggregate CPU times of the machine from the first line of `/proc/stat`, in
-/// clock ticks.
-#[derive(Debug, Clone, Copy, Default)]
-struct SystemCpu {
-    /// user + nice + system + irq + softirq (guest time is included in user).
-    busy: u64,
-    /// Time stolen by the hypervisor.
-    steal: u64,
-    /// idle + iowait.
-    idle: u64,
-}
-
-impl SystemCpu {
-    /// Reads `/proc/stat` (zeros when it cannot be read).
-    fn read() -> SystemCpu {
-        let Ok(text) = std::fs::read_to_string("/proc/stat") else {
-            return SystemCpu::default();
-        };
-        let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else {
-            return SystemCpu::default();
-        };
-        let f: Vec<u64> = line.split_whitespace().skip(1).map(|x| x.parse().unwrap_or(0)).collect();
-        let at = |i: usize| f.get(i).copied().unwrap_or(0);
-        SystemCpu { busy: at(0) + at(1) + at(2) + at(5) + at(6), steal: at(7), idle: at(3) + at(4) }
-    }
-}
-
-/// Clock ticks per second of `/proc/stat`.
-fn clock_ticks() -> f64 {
-    // SAFETY: sysconf only reads a configuration value.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if hz > 0 { hz as f64 } else { 100.0 }
-}
-
-/// Whether a loop device has direct I/O on (`/sys/block/loopN/loop/dio`), if
-/// `path` is a loop device.
-fn loop_dio(path: &Path) -> Option<bool> {
-    let real = std::fs::canonicalize(path).ok()?;
-    let name = real.file_name()?.to_str()?;
-    if !name.starts_with("loop") {
-        return None;
-    }
-    let text = std::fs::read_to_string(format!("/sys/block/{name}/loop/dio")).ok()?;
-    Some(text.trim() == "1")
-}
-
 /// What one run measured.
 #[derive(Debug)]
 struct Report {
@@ -529,7 +440,6 @@ impl Report {
     fn human(&self) -> String {
         let mut out = String::new();
         let h = &self.hist;
-        let us = |ns: u64| ns as f64 / 1000.0;
         let _ = writeln!(
             out,
             "dmio-bench: {} bs={} iodepth={} engine={} mem={} device={} range={}+{} ramp={}s runtime={:.2}s",
@@ -555,28 +465,12 @@ impl Report {
             self.bw_bytes() / (1u64 << 20) as f64,
             self.ios
         );
-        let _ = writeln!(
-            out,
-            "  latency (us): min {:.1}  mean {:.1}  p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
-            us(h.min()),
-            h.mean() / 1000.0,
-            us(h.value_at_quantile(0.50)),
-            us(h.value_at_quantile(0.90)),
-            us(h.value_at_quantile(0.99)),
-            us(h.value_at_quantile(0.999)),
-            us(h.max())
-        );
-        let _ = writeln!(
-            out,
-            "  CPU: process user {:.2}s sys {:.2}s ({:.2} us/IO); all CPUs busy {:.2}s ({:.2} us/IO), idle {:.2}s, steal {:.2}s",
-            self.cpu_user_s,
-            self.cpu_sys_s,
-            self.per_io_us(self.cpu_user_s + self.cpu_sys_s),
-            self.system_busy_s,
-            self.per_io_us(self.system_busy_s),
-            self.system_idle_s,
-            self.steal_s
-        );
+        out.push_str(&cpu::latency_line(h));
+        out.push_str(&cpu::cpu_line(
+            (self.cpu_user_s, self.cpu_sys_s),
+            (self.system_busy_s, self.system_idle_s, self.steal_s),
+            |s| self.per_io_us(s),
+        ));
         let _ = writeln!(
             out,
             "  client: {} ops, {:.3} engine calls/op, {:.0}% fixed-buffer ops, {} retries, {} short transfers{}",
@@ -784,7 +678,7 @@ fn run(args: &Args) -> Result<Report, String> {
         hot: Mutex::new(Hot {
             start: vec![now; args.iodepth],
             hist,
-            rng: SplitMix64(seed),
+            rng: SplitMix64::new(seed),
             seq_next: 0,
             handler: None,
             first_error: None,
@@ -923,7 +817,7 @@ mod tests {
 
     #[test]
     fn below_stays_in_range() {
-        let mut rng = SplitMix64(7);
+        let mut rng = SplitMix64::new(7);
         let mut seen = [false; 10];
         for _ in 0..1000 {
             let v = rng.below(10);
