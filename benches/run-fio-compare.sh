@@ -175,7 +175,9 @@ def dmio_cmd(rw, bs, qd, flavour):
     cmd = [BENCH, "--device", DEVICE, "--rw", rw, "--bs", bs, "--iodepth", str(qd),
            "--runtime", fmt_secs(RUNTIME), "--ramp", fmt_secs(RAMP), "--offset", "0", "--json"]
     if flavour == "psync":
-        cmd += ["--api", "blocking"]
+        # One contiguous buffer per request, as a blocking caller has: dmio then
+        # runs the request inline on the calling thread.
+        cmd += ["--api", "blocking", "--mem", "buf"]
     if SIZE:
         cmd += ["--size", SIZE]
     return PIN + cmd
