@@ -177,6 +177,16 @@ fn emulated_delay(plan: &Plan) -> Duration {
     Duration::from_micros(1_000_000 * u64::from(plan.threads) / u64::from(plan.disk_iops.max(1)))
 }
 
+/// After Ctrl-C with a cache open: shut it down fast (no cleaning), so the
+/// tidying up is not held up by a slow disk.
+fn interrupted(cache: &Cache) -> Result<(), Failure> {
+    if STOP.load(Ordering::Relaxed) {
+        cache.stop_cleaning();
+        let _ = cache.set_tunable("fast_remove", 1);
+    }
+    stopped()
+}
+
 fn stopped() -> Result<(), Failure> {
     if STOP.load(Ordering::Relaxed) {
         Err("interrupted; everything made was removed".into())
@@ -276,8 +286,9 @@ fn tour(devices: &Devices, plan: &Plan) -> Result<(), Failure> {
         seed: 0xde70,
     };
     println!("3. a Zipf(0.9) workload, 70 % reads, every read of written data verified:");
-    let summary = drive(&cache, &versions, &spec, &STOP, true)?;
-    stopped()?;
+    let summary = drive(&cache, &versions, &spec, &STOP, true);
+    interrupted(&cache)?;
+    let summary = summary?;
     println!(
         "   {} I/Os in {:.1} s: {:.0} IOPS ({:.1}x the raw disk), read hit ratio {:.1} %, {} reads verified",
         summary.ops,
@@ -296,11 +307,30 @@ fn tour(devices: &Devices, plan: &Plan) -> Result<(), Failure> {
         "   reloaded: {} dirty and {} clean blocks back (a warm restart)",
         report.recovered.dirty, report.recovered.clean
     );
-    let checked = verify_all(&cache, &versions, &STOP)?;
+    let checked = verify_all(&cache, &versions, &STOP);
+    interrupted(&cache)?;
+    let checked = checked?;
     println!("   verified all {checked} blocks the workload wrote");
     let bar = crate::progress_bar(cache.dirty_blocks(), "cleaning");
-    let cleaned = cache.clean_all().map_err(|e| error_line(&e))?;
+    // Ctrl-C stops the cleaning too.
+    let cleaning_done = AtomicBool::new(false);
+    let cleaned = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !cleaning_done.load(Ordering::Relaxed) {
+                if STOP.load(Ordering::Relaxed) {
+                    cache.stop_cleaning();
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let result = cache.clean_all();
+        cleaning_done.store(true, Ordering::Relaxed);
+        result
+    });
     bar.finish_and_clear();
+    interrupted(&cache)?;
+    let cleaned = cleaned.map_err(|e| error_line(&e))?;
     println!(
         "5. cleaned {} blocks to the disk (merged into larger writes in disk order)",
         cleaned.cleaned
