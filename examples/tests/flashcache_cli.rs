@@ -216,7 +216,14 @@ fn simulate_prints_a_table_and_draws_a_chart() {
 #[test]
 fn the_demo_runs_verifies_and_tidies_up() {
     let dir = image_dir();
-    let out = flashcache(["demo", "--quick", "--dir", p(dir.path())]);
+    let child = Command::new(env!("CARGO_BIN_EXE_flashcache"))
+        .args(["demo", "--quick", "--dir", p(dir.path())])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running flashcache demo");
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
     let text = stdout(&out);
     for needle in
         ["the raw disk", "read hit ratio", "reloaded", "verified all", "cleaned", "tidied up"]
@@ -232,11 +239,6 @@ fn the_demo_runs_verifies_and_tidies_up() {
             assert!(!file.starts_with(p(dir.path())), "{} still attached", entry.path().display());
         }
     }
-    let groups: Vec<_> = fs::read_dir("/sys/fs/cgroup/blkio")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("flashcache-demo-"))
-        .collect();
-    assert!(groups.is_empty(), "cgroups left behind: {groups:?}");
+    let group = PathBuf::from(format!("/sys/fs/cgroup/blkio/flashcache-demo-{pid}"));
+    assert!(!group.exists(), "{} left behind", group.display());
 }
