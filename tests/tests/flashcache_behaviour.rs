@@ -27,7 +27,7 @@ use dmio::fault::{FaultRule, OpSet};
 use flashcache_core::cache::{Cache, IoFlags, LoadReport};
 use flashcache_core::format::{CacheMode, CommitMode};
 use flashcache_core::setup::CreateOptions;
-use tests::{Backing, Rng, TestDevice, pattern, sector_pattern, write_at};
+use tests::{Backing, Rng, TestDevice, assert_data, pattern, write_at};
 
 const MIB: u64 = 1 << 20;
 const SSD_BYTES: u64 = MIB + 64 * 1024;
@@ -38,49 +38,6 @@ const BS: u64 = 8;
 const DISK_BLOCKS: u64 = DISK_BYTES / BLOCK as u64;
 const ALL_MODES: [CacheMode; 3] =
     [CacheMode::WriteBack, CacheMode::WriteThrough, CacheMode::WriteAround];
-
-/// `assert_eq!` for data: on a mismatch it says what each side holds rather
-/// than printing kilobytes.
-macro_rules! assert_data {
-    ($got:expr, $want:expr $(,)?) => {
-        assert_data!($got, $want, "data")
-    };
-    ($got:expr, $want:expr, $($what:tt)+) => {{
-        let (got, want): (&[u8], &[u8]) = (&$got, &$want);
-        if got != want {
-            panic!("{}: got {}; expected {}", format_args!($($what)+), describe(got), describe(want));
-        }
-    }};
-}
-
-/// What `buf` holds, sector by sector: runs of the pattern of one seed, zeros,
-/// or anything else.
-fn describe(buf: &[u8]) -> String {
-    let decode = |chunk: &[u8]| -> String {
-        if chunk.iter().all(|&b| b == 0) {
-            return "zeros".into();
-        }
-        let w0 = u64::from_le_bytes(chunk[..8].try_into().unwrap());
-        (0..256u64)
-            .find_map(|seed| {
-                let sector = (w0 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)) >> 8;
-                (chunk == sector_pattern(sector, seed)).then(|| format!("seed {seed} @{sector}"))
-            })
-            .unwrap_or_else(|| "other bytes".into())
-    };
-    let mut runs: Vec<(String, usize)> = Vec::new();
-    for chunk in buf.chunks(512) {
-        let label = decode(chunk);
-        let label = label.split(" @").next().unwrap().to_string();
-        match runs.last_mut() {
-            Some((last, n)) if *last == label => *n += 1,
-            _ => runs.push((label, 1)),
-        }
-    }
-    let first = buf.chunks(512).next().map(decode).unwrap_or_default();
-    let runs: Vec<String> = runs.into_iter().map(|(l, n)| format!("{n} x {l}")).collect();
-    format!("[{}] (first sector: {first})", runs.join(", "))
-}
 
 fn options(mode: CacheMode) -> CreateOptions {
     CreateOptions {
@@ -596,7 +553,11 @@ fn decode(block: u64, buf: &[u8], me: u64, op: usize) -> Option<(u64, u64)> {
     }
     let word = u64::from_le_bytes(buf[..8].try_into().unwrap());
     let uniform = buf.chunks_exact(8).all(|w| w == word.to_le_bytes());
-    assert!(uniform, "thread {me} op {op}: block {block} is torn: {}", describe(buf));
+    assert!(
+        uniform,
+        "thread {me} op {op}: block {block} is torn: {}",
+        tests::describe_sectors(buf)
+    );
     assert_eq!(word >> 44, block, "thread {me} op {op}: block {block} holds another block's data");
     let thread = ((word >> 36) & 0xff).checked_sub(1).expect("a tag names a thread");
     assert!(thread < THREADS, "thread {me} op {op}: block {block}: bad tag {word:#x}");
