@@ -11,16 +11,25 @@ use crate::format::{CacheMode, CommitMode, SlotState};
 use crate::policy::plan_full_cleaning;
 use crate::setup::CreateOptions;
 
+/// An SSD and a disk on files of these sizes in `dir`.
+fn file_devices(
+    dir: &tempfile::TempDir,
+    ssd: u64,
+    disk: u64,
+) -> (Arc<BlockDevice>, Arc<BlockDevice>) {
+    let open = |name: &str, len: u64| {
+        let path = dir.path().join(name);
+        std::fs::File::create(&path).unwrap().set_len(len).unwrap();
+        BlockDevice::open(&path).unwrap()
+    };
+    (open("ssd", ssd), open("disk", disk))
+}
+
 /// A one-set cache of 64 blocks on files, with its background thread stopped
 /// (so nothing commits behind the test's back).
 fn one_set_cache(dir: &tempfile::TempDir) -> (Cache, Arc<BlockDevice>) {
-    let ssd_path = dir.path().join("ssd");
-    let disk_path = dir.path().join("disk");
     // Superblock 4 KiB + one 4 KiB metadata block + 64 blocks of 4 KiB.
-    std::fs::File::create(&ssd_path).unwrap().set_len(8192 + 64 * 4096).unwrap();
-    std::fs::File::create(&disk_path).unwrap().set_len(4 << 20).unwrap();
-    let ssd = BlockDevice::open(&ssd_path).unwrap();
-    let disk = BlockDevice::open(&disk_path).unwrap();
+    let (ssd, disk) = file_devices(dir, 8192 + 64 * 4096, 4 << 20);
     let options = CreateOptions {
         mode: CacheMode::WriteBack,
         commit: CommitMode::OnFlush,
@@ -154,11 +163,7 @@ fn clean_on_miss_makes_room_in_a_set_full_of_dirty_blocks() {
 #[test]
 fn the_index_takes_at_most_16_bytes_per_cache_block_at_the_default_geometry() {
     let dir = tempfile::tempdir().unwrap();
-    let (ssd_path, disk_path) = (dir.path().join("ssd"), dir.path().join("disk"));
-    std::fs::File::create(&ssd_path).unwrap().set_len(9 << 20).unwrap();
-    std::fs::File::create(&disk_path).unwrap().set_len(64 << 20).unwrap();
-    let ssd = BlockDevice::open(&ssd_path).unwrap();
-    let disk = BlockDevice::open(&disk_path).unwrap();
+    let (ssd, disk) = file_devices(&dir, 9 << 20, 64 << 20);
     let cache = Cache::create(ssd, disk, &CreateOptions::default()).unwrap();
     assert_eq!(cache.geometry().assoc(), 512);
     let (total, per_block) = cache.index_bytes();
@@ -170,11 +175,7 @@ fn the_index_takes_at_most_16_bytes_per_cache_block_at_the_default_geometry() {
 #[test]
 fn counters_survive_an_orderly_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let (ssd_path, disk_path) = (dir.path().join("ssd"), dir.path().join("disk"));
-    std::fs::File::create(&ssd_path).unwrap().set_len(1 << 20).unwrap();
-    std::fs::File::create(&disk_path).unwrap().set_len(4 << 20).unwrap();
-    let ssd = BlockDevice::open(&ssd_path).unwrap();
-    let disk = BlockDevice::open(&disk_path).unwrap();
+    let (ssd, disk) = file_devices(&dir, 1 << 20, 4 << 20);
     let options = CreateOptions { assoc: 64, ..CreateOptions::default() };
     let cache = Cache::create(ssd.clone(), disk.clone(), &options).unwrap();
     for b in 0..10u64 {
@@ -195,11 +196,7 @@ fn counters_survive_an_orderly_restart() {
 #[test]
 fn abandon_leaves_what_a_crash_leaves_and_a_switched_policy_persists() {
     let dir = tempfile::tempdir().unwrap();
-    let (ssd_path, disk_path) = (dir.path().join("ssd"), dir.path().join("disk"));
-    std::fs::File::create(&ssd_path).unwrap().set_len(1 << 20).unwrap();
-    std::fs::File::create(&disk_path).unwrap().set_len(4 << 20).unwrap();
-    let ssd = BlockDevice::open(&ssd_path).unwrap();
-    let disk = BlockDevice::open(&disk_path).unwrap();
+    let (ssd, disk) = file_devices(&dir, 1 << 20, 4 << 20);
     let options = CreateOptions { assoc: 64, ..CreateOptions::default() };
     let cache = Cache::create(ssd.clone(), disk.clone(), &options).unwrap();
     cache.set_tunable("reclaim_policy", 0).unwrap();

@@ -355,5 +355,5 @@ fn tour(devices: &Devices, plan: &Plan) -> Result<(), Failure> {
 /// Checks the disk directly, without the cache, after cleaning.
 fn verify_disk(disk: &Arc<BlockDevice>, versions: &Versions) -> Result<(), Failure> {
     let dmio = DmIoClient::new().map_err(|e| error_line(&e))?;
-    crate::workload::verify_raw(&dmio, disk, versions, &STOP)
+    crate::workload::verify_raw(&dmio, disk, versions, &STOP).map(drop)
 }

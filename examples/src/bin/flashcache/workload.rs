@@ -299,11 +299,45 @@ fn trace_io(
     .map_err(|e| error_line(&e))
 }
 
-/// Reads back every unit the run wrote and checks it; returns how many.
+/// Reads back every unit the run wrote through the cache and checks it;
+/// returns how many.
 pub(crate) fn verify_all(
     cache: &Cache,
     versions: &Versions,
     stop: &AtomicBool,
+) -> Result<u64, Failure> {
+    verify_units(versions, stop, "", |sector, buf| {
+        cache.read(sector, buf).map_err(|e| error_line(&e))
+    })
+}
+
+/// [`verify_all`] straight on the disk, without the cache.
+pub(crate) fn verify_raw(
+    dmio: &DmIoClient,
+    disk: &Arc<BlockDevice>,
+    versions: &Versions,
+    stop: &AtomicBool,
+) -> Result<u64, Failure> {
+    verify_units(versions, stop, "the disk's ", |sector, buf| {
+        let region = DmIoRegion::new(disk, sector, buf.len() as u64 / SECTOR_SIZE);
+        let memory = dmio
+            .io_sync(DmIoRequest::read(AlignedBuf::new(buf.len())), &[region])
+            .and_then(|done| done.into_result())
+            .map_err(|e| error_line(&e))?;
+        if let Some(memory) = memory {
+            memory.copy_to_slice(0, buf);
+        }
+        Ok(())
+    })
+}
+
+/// Reads every unit written so far with `read(sector, buf)` and compares it
+/// with its last write; returns how many were checked.
+fn verify_units(
+    versions: &Versions,
+    stop: &AtomicBool,
+    whose: &str,
+    mut read: impl FnMut(u64, &mut [u8]) -> Result<(), Failure>,
 ) -> Result<u64, Failure> {
     let bs = versions.bs;
     let mut buf = vec![0u8; bs as usize];
@@ -317,49 +351,17 @@ pub(crate) fn verify_all(
         if version == 0 {
             continue;
         }
-        cache.read(unit as u64 * bs / SECTOR_SIZE, &mut buf).map_err(|e| error_line(&e))?;
+        read(unit as u64 * bs / SECTOR_SIZE, &mut buf)?;
         fill(&mut expect, unit as u64, version);
         if buf != expect {
-            return Err(format!("verify: byte {} does not hold its last write", unit as u64 * bs));
+            return Err(format!(
+                "verify: {whose}byte {} does not hold its last write",
+                unit as u64 * bs
+            ));
         }
         checked += 1;
     }
     Ok(checked)
-}
-
-/// [`verify_all`] straight on the disk, without the cache.
-pub(crate) fn verify_raw(
-    dmio: &DmIoClient,
-    disk: &Arc<BlockDevice>,
-    versions: &Versions,
-    stop: &AtomicBool,
-) -> Result<(), Failure> {
-    let bs = versions.bs;
-    let mut expect = vec![0u8; bs as usize];
-    for (unit, v) in versions.units.iter().enumerate() {
-        if stop.load(Ordering::Relaxed) {
-            return Err("interrupted".into());
-        }
-        let version = v.load(Ordering::Relaxed);
-        if version == 0 {
-            continue;
-        }
-        let region = DmIoRegion::new(disk, unit as u64 * bs / SECTOR_SIZE, bs / SECTOR_SIZE);
-        let got = dmio
-            .io_sync(DmIoRequest::read(AlignedBuf::new(bs as usize)), &[region])
-            .and_then(|done| done.into_result())
-            .map_err(|e| error_line(&e))?
-            .map(|m| m.to_vec())
-            .unwrap_or_default();
-        fill(&mut expect, unit as u64, version);
-        if got != expect {
-            return Err(format!(
-                "verify: the disk's byte {} does not hold its last write",
-                unit as u64 * bs
-            ));
-        }
-    }
-    Ok(())
 }
 
 pub(crate) fn parse_pattern(text: &str, alpha: f64) -> Result<Pattern, Failure> {
