@@ -111,8 +111,12 @@
 //! - An SSD error in write-through or write-around drops the block and serves
 //!   the I/O from the disk; past `ssd_error_threshold` errors the cache goes to
 //!   bypass. In write-back, errors are returned.
-//! - Asynchronous I/O runs on a small worker pool ([`cache::ASYNC_WORKERS`]
-//!   threads), not on the completion path: the blocking path is the primary one.
+//! - Asynchronous hits complete on the dm-io completion path, as a bio's
+//!   `end_io` does in the kernel: a read hit, and in write-back a write hit that
+//!   needs no metadata commit first, go straight to the SSD from the caller's
+//!   buffer, and the callback runs on the dm-io completion thread, so it must not
+//!   block. Other asynchronous I/O runs the blocking code on a small worker pool
+//!   ([`cache::ASYNC_WORKERS`] threads).
 #![forbid(unsafe_code)]
 
 pub mod cache;

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use flashcache_core::cache::{Cache, CacheError, IoFlags};
+use flashcache_core::dmio::AlignedBuf;
 use flashcache_core::format::{CacheMode, CommitMode};
 use flashcache_core::setup::CreateOptions;
 use tests::{Backing, Rng, TestDevice, backings};
@@ -264,9 +265,9 @@ fn asynchronous_io_with_callbacks_and_futures_reads_its_writes() {
     let (tx, rx) = std::sync::mpsc::channel();
     for b in 0..blocks {
         let tx = tx.clone();
-        let data = vec![(b % 251) as u8; 4096];
+        let data = AlignedBuf::from_slice(&[(b % 251) as u8; 4096]);
         cache
-            .submit_write(b * 8, data, IoFlags::empty(), move |done| tx.send((b, done)).unwrap())
+            .submit_write(b * 8, data, IoFlags::empty(), move |done, _| tx.send((b, done)).unwrap())
             .unwrap();
     }
     drop(tx);
@@ -276,17 +277,19 @@ fn asynchronous_io_with_callbacks_and_futures_reads_its_writes() {
     let (tx, rx) = std::sync::mpsc::channel();
     cache.submit_flush(move |r| tx.send(r.is_ok()).unwrap()).unwrap();
     assert!(rx.recv().unwrap());
-    let futures: Vec<_> =
-        (0..blocks).map(|b| cache.read_future(b * 8, 4096, IoFlags::empty()).unwrap()).collect();
+    let futures: Vec<_> = (0..blocks)
+        .map(|b| cache.read_future(b * 8, AlignedBuf::new(4096), IoFlags::empty()).unwrap())
+        .collect();
     for (b, f) in futures.into_iter().enumerate() {
-        let bytes = pollster::block_on(f).unwrap();
+        let (done, bytes) = pollster::block_on(f);
+        done.unwrap();
         assert!(bytes.iter().all(|&x| x == (b as u64 % 251) as u8), "block {b}");
     }
     // A bad range is refused at once, with no callback.
     let called = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = called.clone();
     let err = cache
-        .submit_read(DISK_BYTES / 512, 4096, IoFlags::empty(), move |_| {
+        .submit_read(DISK_BYTES / 512, AlignedBuf::new(4096), IoFlags::empty(), move |_, _| {
             flag.store(true, std::sync::atomic::Ordering::SeqCst);
         })
         .unwrap_err();

@@ -1,52 +1,131 @@
 //! Asynchronous I/O through the cache: notify callbacks and a runtime-free
 //! `Future`.
 //!
-//! Submissions are checked on the caller's thread (a bad range is an
-//! immediate error and no callback), then run on a small pool of the cache's
-//! worker threads, started on first use, which call the notify callback when
-//! the I/O is done. Callbacks run on those workers: they may call the cache's
-//! blocking methods, but a slow callback holds up a worker.
+//! A submission is checked and counted on the caller's thread: a bad range is
+//! an immediate error, and then the notify callback is never called. After
+//! that, the callback runs exactly once, one of two ways:
+//!
+//! - **Natively, from dm-io** ([`async_hit`](super::async_hit)): a read that
+//!   hits a cached block, and in write-back a whole-block write that hits a
+//!   cached block and changes no metadata that must be committed first, takes
+//!   the block's lock without waiting and goes straight to the SSD as one
+//!   dm-io request, with the caller's buffer. The callback runs on the dm-io
+//!   completion thread. No thread is woken in between and no byte is copied.
+//! - **On a worker** ([`ASYNC_WORKERS`] threads, started on first use):
+//!   everything else (misses and fills, write-through and write-around writes,
+//!   partial-block writes, FUA, I/O spanning several blocks, a block busy with
+//!   other I/O, a full dm-io reserve) runs the blocking code on a worker, which
+//!   then calls the callback.
+//!
+//! # Callbacks must not block
+//!
+//! A callback may run on the dm-io completion thread, which completes every
+//! I/O of the cache: while a callback runs, no other I/O completes. Keep
+//! callbacks short: record the result, wake a waiter, or submit more I/O
+//! (submitting from a callback never waits). The cache's blocking calls
+//! (`read`, `write`, `flush`, `discard`, `clean_all`, `shutdown`) made on the
+//! completion thread return [`CacheError::BlockingInCallback`] rather than
+//! deadlock. Dropping the last handle of a cache in a callback is allowed: the
+//! shutdown then runs on a thread of its own.
 
+use std::cell::Cell;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crossbeam_channel::{Sender, unbounded};
+use dmio::AlignedBuf;
 
 use super::error::CacheError;
+use super::io_path::{Cacheable, Piece};
 use super::{Cache, Inner, IoFlags};
 
 /// Worker threads in the asynchronous pool.
 pub const ASYNC_WORKERS: usize = 4;
 
-type Job = Box<dyn FnOnce(&Inner) + Send>;
+/// What an asynchronous read or write resolves to: its result and the
+/// caller's buffer, handed back whether it succeeded or not (tokio-uring's
+/// `BufResult`).
+pub type BufResult = (Result<(), CacheError>, AlignedBuf);
 
-/// The worker pool.
-#[derive(Default)]
-pub(crate) struct AsyncPool {
-    tx: Mutex<Option<Sender<Job>>>,
-    workers: Mutex<Vec<JoinHandle<()>>>,
-    closed: std::sync::atomic::AtomicBool,
+/// The notify callback of an asynchronous read or write: the result and the
+/// caller's buffer, handed back.
+pub(crate) type IoNotify = Box<dyn FnOnce(Result<(), CacheError>, AlignedBuf) + Send>;
+
+/// A job for the pool: called with `true` to run, or `false` when the pool
+/// refused it after the request was accepted (it then reports
+/// [`CacheError::ShutDown`] to its callback).
+pub(super) type Job = Box<dyn FnOnce(bool) + Send>;
+
+thread_local! {
+    /// Asynchronous requests whose callback is running on this thread (a pool
+    /// worker), so that a shutdown from inside a callback does not wait for
+    /// itself.
+    static CALLBACKS_HERE: Cell<usize> = const { Cell::new(0) };
 }
 
-impl AsyncPool {
-    fn submit(&self, inner: &Arc<Inner>, job: Job) -> Result<(), CacheError> {
-        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+/// The asynchronous side of a cache: the worker pool and the requests in
+/// flight.
+#[derive(Default)]
+pub(crate) struct AsyncState {
+    tx: Mutex<Option<Sender<Job>>>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+    /// No new submissions (the cache is shutting down).
+    closed: AtomicBool,
+    /// Accepted requests whose callback has not returned yet.
+    in_flight: AtomicUsize,
+}
+
+/// One accepted asynchronous request, from its acceptance until its callback
+/// returned (the drop counts it done, also when the callback panics).
+pub(crate) struct InFlight {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl InFlight {
+    fn start(inner: &Arc<Inner>) -> Result<InFlight, CacheError> {
+        let state = &inner.async_state;
+        // Counted before checking `closed`, and `close` sets it before
+        // reading the count (both sequentially consistent): either the close
+        // sees this request and waits for it, or this sees the close.
+        state.in_flight.fetch_add(1, Ordering::SeqCst);
+        if state.closed.load(Ordering::SeqCst) {
+            state.in_flight.fetch_sub(1, Ordering::AcqRel);
             return Err(CacheError::ShutDown);
         }
+        Ok(InFlight { inner: inner.clone() })
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.inner.async_state.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl AsyncState {
+    /// Queues `job` on the pool, starting the workers on first use. A refused
+    /// job comes back. Jobs of accepted requests are taken until every one of
+    /// them is done, also while the cache is closing.
+    pub(super) fn submit(&self, job: Job) -> Result<(), Job> {
         let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         if tx.is_none() {
             let (sender, receiver) = unbounded::<Job>();
             let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
             for i in 0..ASYNC_WORKERS {
                 let rx = receiver.clone();
-                let inner = inner.clone();
                 let spawned = std::thread::Builder::new().name(format!("flashcache-io-{i}")).spawn(
                     move || {
                         for job in rx {
-                            job(&inner);
+                            CALLBACKS_HERE.with(|c| c.set(c.get() + 1));
+                            // A panicking callback must not take a worker with it.
+                            let _ = std::panic::catch_unwind(AssertUnwindSafe(|| job(true)));
+                            CALLBACKS_HERE.with(|c| c.set(c.get() - 1));
                         }
                     },
                 );
@@ -55,24 +134,30 @@ impl AsyncPool {
                 }
             }
             if workers.is_empty() {
-                return Err(CacheError::ShutDown);
+                return Err(job);
             }
             *tx = Some(sender);
         }
         match tx.as_ref() {
-            Some(sender) => sender.send(job).map_err(|_| CacheError::ShutDown),
-            None => Err(CacheError::ShutDown),
+            Some(sender) => sender.send(job).map_err(|e| e.into_inner()),
+            None => Err(job),
         }
     }
 
-    /// Refuses new submissions, runs every queued one, and joins the workers.
+    /// Refuses new submissions, waits until every accepted request's callback
+    /// has returned (but for one running on this very thread), runs every
+    /// queued job and joins the workers.
     pub(crate) fn close(&self) {
-        self.closed.store(true, std::sync::atomic::Ordering::Release);
+        self.closed.store(true, Ordering::SeqCst);
+        let mine = CALLBACKS_HERE.with(|c| c.get());
+        while self.in_flight.load(Ordering::SeqCst) > mine {
+            std::thread::sleep(Duration::from_micros(200));
+        }
         drop(self.tx.lock().unwrap_or_else(|e| e.into_inner()).take());
         let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()));
         let me = std::thread::current().id();
         for handle in workers {
-            // A callback that drops the last handle runs on a worker: it cannot
+            // A callback that shuts the cache down runs on a worker: it cannot
             // join itself.
             if handle.thread().id() != me {
                 let _ = handle.join();
@@ -81,10 +166,120 @@ impl AsyncPool {
     }
 }
 
+impl Inner {
+    /// Starts an asynchronous read: natively when it is a hit the dm-io
+    /// completion thread can serve, else on the pool.
+    pub(crate) fn submit_read(
+        self: &Arc<Self>,
+        sector: u64,
+        buf: AlignedBuf,
+        flags: IoFlags,
+        notify: IoNotify,
+    ) -> Result<(), CacheError> {
+        if self.async_state.closed.load(Ordering::Acquire) {
+            return Err(CacheError::ShutDown);
+        }
+        let (pieces, cacheable) = self.begin_read(sector, buf.len(), flags)?;
+        let request = InFlight::start(self)?;
+        let (request, buf, notify) = match pieces.as_slice() {
+            [piece] => match request.try_read_hit(*piece, cacheable, buf, notify) {
+                Ok(()) => return Ok(()),
+                Err(declined) => *declined,
+            },
+            _ => (request, buf, notify),
+        };
+        // Refused: the request was never accepted, and its callback is dropped.
+        request.read_on_pool(pieces, cacheable, buf, notify).map_err(|_| CacheError::ShutDown)
+    }
+
+    /// Starts an asynchronous write: natively when it is a write-back hit
+    /// that needs no commit, else on the pool.
+    pub(crate) fn submit_write(
+        self: &Arc<Self>,
+        sector: u64,
+        data: AlignedBuf,
+        flags: IoFlags,
+        notify: IoNotify,
+    ) -> Result<(), CacheError> {
+        if self.async_state.closed.load(Ordering::Acquire) {
+            return Err(CacheError::ShutDown);
+        }
+        let (pieces, cacheable) = self.begin_write(sector, data.len(), flags)?;
+        let request = InFlight::start(self)?;
+        let (request, data, notify) = match pieces.as_slice() {
+            [piece] if !flags.contains(IoFlags::FUA) => {
+                match request.try_write_hit(*piece, data, notify) {
+                    Ok(()) => return Ok(()),
+                    Err(declined) => *declined,
+                }
+            }
+            _ => (request, data, notify),
+        };
+        request
+            .write_on_pool(pieces, cacheable, data, flags, notify)
+            .map_err(|_| CacheError::ShutDown)
+    }
+}
+
+impl InFlight {
+    /// Runs an accepted read on the pool. A refused job comes back (call it
+    /// with `false` to report the refusal to its callback).
+    pub(super) fn read_on_pool(
+        self,
+        pieces: Vec<Piece>,
+        cacheable: Cacheable,
+        mut buf: AlignedBuf,
+        notify: IoNotify,
+    ) -> Result<(), Job> {
+        let inner = self.inner.clone();
+        let job: Job = Box::new(move |run: bool| {
+            let result = if run {
+                self.inner.read_pieces(&pieces, cacheable, &mut buf)
+            } else {
+                Err(CacheError::ShutDown)
+            };
+            notify(result, buf);
+            drop(self);
+        });
+        inner.async_state.submit(job)
+    }
+
+    /// Runs an accepted write on the pool (see [`read_on_pool`](Self::read_on_pool)).
+    pub(super) fn write_on_pool(
+        self,
+        pieces: Vec<Piece>,
+        cacheable: Cacheable,
+        data: AlignedBuf,
+        flags: IoFlags,
+        notify: IoNotify,
+    ) -> Result<(), Job> {
+        let inner = self.inner.clone();
+        let job: Job = Box::new(move |run: bool| {
+            let result = if run {
+                self.inner.write_pieces(&pieces, cacheable, &data, flags)
+            } else {
+                Err(CacheError::ShutDown)
+            };
+            notify(result, data);
+            drop(self);
+        });
+        inner.async_state.submit(job)
+    }
+}
+
+/// Calls a refused job, so that its callback hears of the refusal.
+pub(super) fn refuse(job: Job) {
+    job(false);
+}
+
 impl Cache {
-    /// Reads `len` bytes at `sector` in the background and calls `notify` with
-    /// the bytes. The range is checked now: a bad one is an error here and
-    /// `notify` is never called.
+    /// Reads `buf.len()` bytes at `sector` into `buf` in the background and
+    /// calls `notify` with the result and the buffer. The range is checked
+    /// now: a bad one is an error here, and `notify` is never called.
+    ///
+    /// A hit is read straight from the SSD into `buf` and `notify` runs on the
+    /// dm-io completion thread; anything else runs on a cache worker. Either
+    /// way `notify` must not block: see the [module docs](self#callbacks-must-not-block).
     ///
     /// ```
     /// # let dir = tempfile::tempdir().unwrap();
@@ -94,72 +289,72 @@ impl Cache {
     /// # let ssd = flashcache_core::dmio::BlockDevice::open(&s).unwrap();
     /// # let disk = flashcache_core::dmio::BlockDevice::open(&d).unwrap();
     /// use flashcache_core::cache::{Cache, IoFlags};
+    /// use flashcache_core::dmio::AlignedBuf;
     /// use flashcache_core::setup::CreateOptions;
     /// let options = CreateOptions { assoc: 64, ..CreateOptions::default() };
     /// let cache = Cache::create(ssd, disk, &options).unwrap();
     /// let (tx, rx) = std::sync::mpsc::channel();
-    /// cache.submit_write(0, vec![1u8; 8192], IoFlags::empty(), move |done| {
+    /// let data = AlignedBuf::from_slice(&[1u8; 8192]);
+    /// cache.submit_write(0, data, IoFlags::empty(), move |done, _data| {
     ///     tx.send(done.is_ok()).unwrap();
     /// }).unwrap();
     /// assert!(rx.recv().unwrap());
     /// // The same through a future, with any executor.
-    /// let bytes = pollster::block_on(cache.read_future(0, 8192, IoFlags::empty()).unwrap()).unwrap();
-    /// assert_eq!(bytes, vec![1u8; 8192]);
+    /// let read = cache.read_future(0, AlignedBuf::new(8192), IoFlags::empty()).unwrap();
+    /// let (done, bytes) = pollster::block_on(read);
+    /// done.unwrap();
+    /// assert_eq!(&bytes[..], &[1u8; 8192][..]);
     /// ```
     pub fn submit_read(
         &self,
         sector: u64,
-        len: usize,
+        buf: AlignedBuf,
         flags: IoFlags,
-        notify: impl FnOnce(Result<Vec<u8>, CacheError>) + Send + 'static,
+        notify: impl FnOnce(Result<(), CacheError>, AlignedBuf) + Send + 'static,
     ) -> Result<(), CacheError> {
-        self.inner.check_open()?;
-        self.inner.check_range(sector, len)?;
-        self.pool.submit(
-            &self.inner,
-            Box::new(move |inner: &Inner| {
-                let mut buf = vec![0u8; len];
-                notify(inner.read(sector, &mut buf, flags).map(|()| buf));
-            }),
-        )
+        self.inner.submit_read(sector, buf, flags, Box::new(notify))
     }
 
-    /// Writes `data` at `sector` in the background and calls `notify` when it
-    /// is done (durable, with [`IoFlags::FUA`]). The range is checked now.
+    /// Writes `data` at `sector` in the background and calls `notify` with the
+    /// result and the buffer when it is done (durable, with
+    /// [`IoFlags::FUA`]). The range is checked now. In write-back, a write
+    /// that hits a cached block goes straight to the SSD from `data` and
+    /// `notify` runs on the dm-io completion thread; it must not block.
     pub fn submit_write(
         &self,
         sector: u64,
-        data: Vec<u8>,
+        data: AlignedBuf,
         flags: IoFlags,
-        notify: impl FnOnce(Result<(), CacheError>) + Send + 'static,
+        notify: impl FnOnce(Result<(), CacheError>, AlignedBuf) + Send + 'static,
     ) -> Result<(), CacheError> {
-        self.inner.check_open()?;
-        self.inner.check_range(sector, data.len())?;
-        self.pool.submit(
-            &self.inner,
-            Box::new(move |inner: &Inner| notify(inner.write(sector, &data, flags))),
-        )
+        self.inner.submit_write(sector, data, flags, Box::new(notify))
     }
 
     /// Flushes in the background (see [`flush`](Cache::flush)) and calls
-    /// `notify` when it is done.
+    /// `notify` on a cache worker when it is done.
     pub fn submit_flush(
         &self,
         notify: impl FnOnce(Result<(), CacheError>) + Send + 'static,
     ) -> Result<(), CacheError> {
         self.inner.check_open()?;
-        self.pool.submit(&self.inner, Box::new(move |inner: &Inner| notify(inner.flush())))
+        let request = InFlight::start(&self.inner)?;
+        let job: Job = Box::new(move |run: bool| {
+            notify(if run { request.inner.flush() } else { Err(CacheError::ShutDown) });
+            drop(request);
+        });
+        self.inner.async_state.submit(job).map_err(|_| CacheError::ShutDown)
     }
 
-    /// [`submit_read`](Self::submit_read) as a future (no runtime needed).
+    /// [`submit_read`](Self::submit_read) as a future (no runtime needed): it
+    /// resolves to the result and the buffer.
     pub fn read_future(
         &self,
         sector: u64,
-        len: usize,
+        buf: AlignedBuf,
         flags: IoFlags,
-    ) -> Result<CacheFuture<Result<Vec<u8>, CacheError>>, CacheError> {
+    ) -> Result<CacheFuture<BufResult>, CacheError> {
         let (future, complete) = CacheFuture::pair();
-        self.submit_read(sector, len, flags, complete)?;
+        self.submit_read(sector, buf, flags, move |done, buf| complete((done, buf)))?;
         Ok(future)
     }
 
@@ -167,11 +362,11 @@ impl Cache {
     pub fn write_future(
         &self,
         sector: u64,
-        data: Vec<u8>,
+        data: AlignedBuf,
         flags: IoFlags,
-    ) -> Result<CacheFuture<Result<(), CacheError>>, CacheError> {
+    ) -> Result<CacheFuture<BufResult>, CacheError> {
         let (future, complete) = CacheFuture::pair();
-        self.submit_write(sector, data, flags, complete)?;
+        self.submit_write(sector, data, flags, move |done, data| complete((done, data)))?;
         Ok(future)
     }
 }

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use dmio::{
-    AlignedBuf, BlockDevice, DmIoClient, DmIoError, DmIoMemory, DmIoRegion, DmIoRequest, ErrorBits,
-    ReqFlags, SECTOR_SIZE,
+    AlignedBuf, BlockDevice, DmIoClient, DmIoCompletion, DmIoError, DmIoMemory, DmIoRegion,
+    DmIoRequest, ErrorBits, ReqFlags, SECTOR_SIZE, SubmitRefused,
 };
 
 use super::error::{CacheError, Device};
@@ -35,7 +35,13 @@ impl DevIo {
         }
     }
 
-    fn error(&self, what: &'static str, which: Device, sector: u64, e: DmIoError) -> CacheError {
+    pub(crate) fn error(
+        &self,
+        what: &'static str,
+        which: Device,
+        sector: u64,
+        e: DmIoError,
+    ) -> CacheError {
         CacheError::Io {
             what,
             device: which,
@@ -104,6 +110,43 @@ impl DevIo {
                 self.error("writing", which, sector, e)
             },
         )
+    }
+
+    /// Submits `req` for `sectors` sectors at `sector` of the SSD without
+    /// waiting (its notify runs on the dm-io completion thread), counting it.
+    /// A refused request comes back whole, uncounted.
+    pub(crate) fn submit_ssd(
+        &self,
+        sector: u64,
+        req: DmIoRequest,
+        counters: &Counters,
+    ) -> Result<(), Box<SubmitRefused>> {
+        let write = req.op.is_write();
+        let bytes = req.memory.as_ref().map_or(0, |m| m.len() as u64);
+        let region = DmIoRegion::new(&self.ssd, sector, bytes / SECTOR_SIZE);
+        self.dmio.try_submit(req, &[region])?;
+        Counters::bump(if write { &counters.ssd_writes } else { &counters.ssd_reads });
+        Ok(())
+    }
+
+    /// The error of a failed asynchronous SSD request, counted, or `None` when
+    /// it succeeded.
+    pub(crate) fn ssd_completion_error(
+        &self,
+        write: bool,
+        sector: u64,
+        done: &DmIoCompletion,
+        counters: &Counters,
+    ) -> Option<CacheError> {
+        if done.is_ok() {
+            return None;
+        }
+        Counters::bump(if write { &counters.ssd_write_errors } else { &counters.ssd_read_errors });
+        let source = DmIoError::Regions(dmio::RegionFailures {
+            error_bits: done.error_bits,
+            failures: done.failures.clone(),
+        });
+        Some(self.error(if write { "writing" } else { "reading" }, Device::Ssd, sector, source))
     }
 
     /// Writes `data` to the disk at `disk_sector` and to the SSD at

@@ -82,6 +82,14 @@ pub enum CacheError {
     /// The cache has been shut down.
     #[error("the cache is shut down")]
     ShutDown,
+    /// A blocking cache call was made from a notify callback running on the
+    /// dm-io completion thread, where waiting could deadlock: hand the work to
+    /// another thread, or use the asynchronous calls
+    /// ([`Cache::submit_read`](super::Cache::submit_read) and friends).
+    #[error(
+        "a blocking cache call was made from a dm-io notify callback; use the asynchronous calls there"
+    )]
+    BlockingInCallback,
     /// Dirty blocks could not all be cleaned.
     #[error("{remaining} dirty blocks could not be cleaned ({failed} cleaning failures)")]
     CleaningIncomplete {

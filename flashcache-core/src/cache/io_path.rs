@@ -12,26 +12,26 @@ use crate::policy::{Allocation, BlockState, Counters, Way};
 
 /// The part of an I/O that falls in one cache block.
 #[derive(Clone, Copy, Debug)]
-struct Piece {
+pub(super) struct Piece {
     /// The disk block.
-    block: u64,
+    pub(super) block: u64,
     /// Byte offset of the piece inside the block.
-    offset: usize,
+    pub(super) offset: usize,
     /// Bytes.
-    len: usize,
+    pub(super) len: usize,
     /// Byte offset of the piece inside the caller's buffer.
-    at: usize,
+    pub(super) at: usize,
 }
 
 impl Piece {
-    fn is_whole(&self, block_bytes: usize) -> bool {
+    pub(super) fn is_whole(&self, block_bytes: usize) -> bool {
         self.offset == 0 && self.len == block_bytes
     }
 }
 
 /// What to do with a miss.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Cacheable {
+pub(super) enum Cacheable {
     Yes,
     /// Not cached: hinted, `cache_all` off, or write-only mode (reads).
     No,
@@ -40,28 +40,23 @@ enum Cacheable {
 }
 
 impl Inner {
-    fn block_bytes(&self) -> usize {
+    pub(super) fn block_bytes(&self) -> usize {
         self.geometry.block_bytes() as usize
     }
 
-    fn shard_of(&self, block: u64) -> (u32, &Shard) {
+    pub(super) fn shard_of(&self, block: u64) -> (u32, &Shard) {
         let set = self.geometry.set_of(block);
         (set, &self.shards[set as usize])
     }
 
     /// The SSD sector of a set's way.
-    fn ssd_sector(&self, set: u32, way: Way) -> u64 {
+    pub(super) fn ssd_sector(&self, set: u32, way: Way) -> u64 {
         let index = u64::from(set) * u64::from(self.layout.assoc()) + u64::from(way);
         self.layout.block_offset(index).unwrap_or(0) / SECTOR_SIZE
     }
 
     fn disk_sector(&self, block: u64, offset: usize) -> u64 {
         block * u64::from(self.geometry.block_sectors()) + offset as u64 / SECTOR_SIZE
-    }
-
-    /// Checks an I/O range.
-    pub(crate) fn check_range(&self, sector: u64, bytes: usize) -> Result<(), CacheError> {
-        self.pieces(sector, bytes).map(drop)
     }
 
     /// Checks an I/O range and splits it into per-block pieces.
@@ -135,12 +130,34 @@ impl Inner {
         buf: &mut [u8],
         flags: IoFlags,
     ) -> Result<(), CacheError> {
+        self.check_can_block()?;
+        let (pieces, cacheable) = self.begin_read(sector, buf.len(), flags)?;
+        self.read_pieces(&pieces, cacheable, buf)
+    }
+
+    /// Checks a read, counts it and decides whether its misses are cached.
+    pub(super) fn begin_read(
+        &self,
+        sector: u64,
+        len: usize,
+        flags: IoFlags,
+    ) -> Result<(Vec<Piece>, Cacheable), CacheError> {
         self.check_open()?;
-        let pieces = self.pieces(sector, buf.len())?;
+        let pieces = self.pieces(sector, len)?;
         Counters::bump(&self.counters.reads);
-        let cacheable = self.cacheable(sector, buf.len(), flags, false);
+        let cacheable = self.cacheable(sector, len, flags, false);
         self.count_uncached(cacheable, false);
-        for piece in pieces {
+        Ok((pieces, cacheable))
+    }
+
+    /// The blocking part of a read [`begin_read`](Self::begin_read) accepted.
+    pub(super) fn read_pieces(
+        &self,
+        pieces: &[Piece],
+        cacheable: Cacheable,
+        buf: &mut [u8],
+    ) -> Result<(), CacheError> {
+        for &piece in pieces {
             self.read_piece(piece, cacheable, &mut buf[piece.at..piece.at + piece.len])?;
         }
         Ok(())
@@ -277,14 +294,14 @@ impl Inner {
 
     /// Drops `block` from `way` if it is still there and clean, taking the
     /// block's lock.
-    fn invalidate_clean(&self, shard: &Shard, block: u64, way: Way) {
+    pub(super) fn invalidate_clean(&self, shard: &Shard, block: u64, way: Way) {
         let (_guard, st) = BlockGuard::acquire(shard, block, Access::Exclusive, &self.counters);
         drop(st);
         self.invalidate_clean_locked(shard, block, way);
     }
 
     /// [`invalidate_clean`](Self::invalidate_clean) with the block's lock held.
-    fn invalidate_clean_locked(&self, shard: &Shard, block: u64, way: Way) {
+    pub(super) fn invalidate_clean_locked(&self, shard: &Shard, block: u64, way: Way) {
         let mut st = shard.lock();
         let state = st.set.state(way);
         if st.set.block(way) == Some(block) && !state.contains(BlockState::DIRTY) {
@@ -298,13 +315,36 @@ impl Inner {
     }
 
     pub(crate) fn write(&self, sector: u64, data: &[u8], flags: IoFlags) -> Result<(), CacheError> {
+        self.check_can_block()?;
+        let (pieces, cacheable) = self.begin_write(sector, data.len(), flags)?;
+        self.write_pieces(&pieces, cacheable, data, flags)
+    }
+
+    /// Checks a write, counts it and decides whether its misses are cached.
+    pub(super) fn begin_write(
+        &self,
+        sector: u64,
+        len: usize,
+        flags: IoFlags,
+    ) -> Result<(Vec<Piece>, Cacheable), CacheError> {
         self.check_open()?;
-        let pieces = self.pieces(sector, data.len())?;
+        let pieces = self.pieces(sector, len)?;
         Counters::bump(&self.counters.writes);
-        let cacheable = self.cacheable(sector, data.len(), flags, true);
+        let cacheable = self.cacheable(sector, len, flags, true);
         self.count_uncached(cacheable, true);
+        Ok((pieces, cacheable))
+    }
+
+    /// The blocking part of a write [`begin_write`](Self::begin_write) accepted.
+    pub(super) fn write_pieces(
+        &self,
+        pieces: &[Piece],
+        cacheable: Cacheable,
+        data: &[u8],
+        flags: IoFlags,
+    ) -> Result<(), CacheError> {
         let mut changed = false;
-        for piece in pieces {
+        for &piece in pieces {
             let result = self.write_piece(piece, cacheable, &data[piece.at..piece.at + piece.len]);
             match result {
                 Ok(dirtied) => changed |= dirtied.is_some(),
@@ -491,6 +531,7 @@ impl Inner {
     }
 
     pub(crate) fn discard(&self, sector: u64, sectors: u64) -> Result<(), CacheError> {
+        self.check_can_block()?;
         self.check_open()?;
         let bytes = usize::try_from(sectors.saturating_mul(SECTOR_SIZE)).unwrap_or(usize::MAX);
         let pieces = self.pieces(sector, bytes)?;

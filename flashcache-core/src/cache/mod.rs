@@ -3,9 +3,11 @@
 //!
 //! [`Cache`] executes the policy core's decisions ([`crate::policy`]) with
 //! [`dmio`] (data and metadata I/O) and [`kcopyd`] (cleaning). Its threading
-//! model is simple: every call runs on the caller's thread and may be made
-//! from many threads at once; one background thread per cache cleans dirty
-//! blocks and commits metadata.
+//! model: a blocking call runs on the caller's thread and may be made from
+//! many threads at once; an asynchronous hit completes on the dm-io completion
+//! thread and other asynchronous I/O on a small worker pool (see
+//! [`submit_read`](Cache::submit_read)); one background thread per cache
+//! cleans dirty blocks and commits metadata.
 //!
 //! # How an I/O goes through the cache
 //!
@@ -49,6 +51,7 @@
 //!   period); in `sync` mode a block's first dirtying write commits its slot
 //!   before it returns, as flashcache does.
 
+mod async_hit;
 mod async_io;
 mod cleaner;
 mod devio;
@@ -67,12 +70,12 @@ use std::thread::JoinHandle;
 use dmio::{BlockDevice, DmIoClient, SECTOR_SIZE};
 use kcopyd::KcopydClient;
 
-pub use self::async_io::{ASYNC_WORKERS, CacheFuture};
+pub use self::async_io::{ASYNC_WORKERS, BufResult, CacheFuture};
 pub use self::cleaner::CleanReport;
 pub use self::error::{CacheError, Device};
 pub use self::metadata::Recovered;
 
-use self::async_io::AsyncPool;
+use self::async_io::AsyncState;
 use self::cleaner::CleanerControl;
 use self::devio::DevIo;
 use self::metadata::RecoverFrom;
@@ -134,6 +137,8 @@ pub(crate) struct Inner {
     pub(crate) shut_down: AtomicBool,
     /// The smallest I/O unit both devices take, in sectors.
     pub(crate) io_align_sectors: u64,
+    /// Asynchronous I/O: the worker pool and the requests in flight.
+    pub(crate) async_state: AsyncState,
 }
 
 /// A cache: an SSD in front of a disk. See the [module docs](self).
@@ -174,7 +179,6 @@ pub(crate) struct Inner {
 pub struct Cache {
     inner: Arc<Inner>,
     cleaner_thread: Option<JoinHandle<()>>,
-    pool: AsyncPool,
 }
 
 impl std::fmt::Debug for Cache {
@@ -277,6 +281,7 @@ impl Cache {
             cleaner: CleanerControl::default(),
             shut_down: AtomicBool::new(false),
             io_align_sectors,
+            async_state: AsyncState::default(),
         });
         if !trust_clean {
             // After a crash, rewrite every set's slots from what was loaded: the
@@ -292,10 +297,7 @@ impl Cache {
             })
         })?;
         let cleaner_thread = Some(cleaner_thread);
-        Ok((
-            Cache { inner, cleaner_thread, pool: AsyncPool::default() },
-            LoadReport { previous_state: found.state, recovered },
-        ))
+        Ok((Cache { inner, cleaner_thread }, LoadReport { previous_state: found.state, recovered }))
     }
 
     /// The smallest I/O the cache takes, in bytes: 512, or the larger logical
@@ -344,6 +346,7 @@ impl Cache {
     /// left, when [`stop_cleaning`](Self::stop_cleaning) is called, or with
     /// [`CacheError::CleaningIncomplete`] when blocks fail to clean.
     pub fn clean_all(&self) -> Result<CleanReport, CacheError> {
+        self.inner.check_can_block()?;
         self.inner.check_open()?;
         self.inner.cleaner.resume();
         self.inner.clean_all()
@@ -456,6 +459,9 @@ impl Cache {
     /// commits all metadata and marks the superblock `Clean` (no dirty blocks)
     /// or `FastClean` (dirty blocks kept), so the next load is a warm restart.
     pub fn shutdown(mut self) -> Result<(), CacheError> {
+        // On the completion thread the shutdown's I/O could never complete:
+        // the drop runs it on a thread of its own instead.
+        self.inner.check_can_block()?;
         self.stop_thread();
         self.inner.shutdown()
     }
@@ -467,12 +473,21 @@ impl Cache {
     /// caches would lose: a [fault-injection write
     /// log](dmio::fault::WriteLog) rebuilds that). For tests of crash recovery.
     pub fn abandon(mut self) {
-        self.stop_thread();
         self.inner.shut_down.store(true, Ordering::Release);
+        if dmio::in_notify_callback() {
+            // Waiting for the cache's I/O here would wait for this thread.
+            let apart =
+                Cache { inner: self.inner.clone(), cleaner_thread: self.cleaner_thread.take() };
+            let _ = std::thread::Builder::new()
+                .name("flashcache-abandon".into())
+                .spawn(move || apart.abandon());
+            return;
+        }
+        self.stop_thread();
     }
 
     fn stop_thread(&mut self) {
-        self.pool.close();
+        self.inner.async_state.close();
         self.inner.cleaner.quit();
         if let Some(thread) = self.cleaner_thread.take() {
             let _ = thread.join();
@@ -484,6 +499,18 @@ impl Drop for Cache {
     /// Dropping a cache that was not shut down shuts it down (errors are
     /// ignored: call [`Cache::shutdown`] to see them).
     fn drop(&mut self) {
+        if dmio::in_notify_callback() {
+            // Dropped in a notify callback on the dm-io completion thread: the
+            // shutdown waits for I/O that thread completes, so it runs apart.
+            let apart =
+                Cache { inner: self.inner.clone(), cleaner_thread: self.cleaner_thread.take() };
+            let spawned = std::thread::Builder::new()
+                .name("flashcache-shutdown".into())
+                .spawn(move || drop(apart));
+            if spawned.is_ok() {
+                return;
+            }
+        }
         self.stop_thread();
         let _ = self.inner.shutdown();
     }
@@ -494,7 +521,14 @@ impl Inner {
         if self.shut_down.load(Ordering::Acquire) { Err(CacheError::ShutDown) } else { Ok(()) }
     }
 
+    /// Refuses a blocking call made from a dm-io notify callback: it could wait
+    /// for a block lock or an I/O that only that very thread would complete.
+    pub(crate) fn check_can_block(&self) -> Result<(), CacheError> {
+        if dmio::in_notify_callback() { Err(CacheError::BlockingInCallback) } else { Ok(()) }
+    }
+
     pub(crate) fn flush(&self) -> Result<(), CacheError> {
+        self.check_can_block()?;
         self.check_open()?;
         Counters::bump(&self.counters.flushes);
         self.commit_pending(true)

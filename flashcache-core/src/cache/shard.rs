@@ -56,6 +56,26 @@ impl SetState {
         true
     }
 
+    /// Takes `block`'s lock for `access` without waiting, if it is free for
+    /// it (for I/O served from a dm-io callback, which may never wait: a busy
+    /// block goes the blocking way instead).
+    pub(crate) fn try_lock(&mut self, block: u64, access: Access) -> bool {
+        let entry = self.locks.entry(block).or_default();
+        let free = match access {
+            Access::Shared => !entry.writer,
+            Access::Exclusive => !entry.writer && entry.readers == 0,
+        };
+        if !free {
+            return false;
+        }
+        match access {
+            Access::Shared => entry.readers += 1,
+            Access::Exclusive => entry.writer = true,
+        }
+        self.mark_busy(block, true);
+        true
+    }
+
     fn mark_busy(&mut self, block: u64, busy: bool) {
         if let Some(way) = self.set.lookup(block) {
             self.set.set_busy(way, busy);
