@@ -17,17 +17,28 @@
 #
 # Cases (each: fio io_uring --numjobs=1 --iodepth=N, the reference the targets
 # name; fio psync --numjobs=N --thread, a thread-per-I/O reference; cache-bench
-# with N threads of synchronous I/O through the cache):
-#   hit-rr32      4k randread QD32, all hits (cache-bench --warm)  vs raw SSD   target >= 0.90
-#   hit-rr1       4k randread QD1, all hits                        vs raw SSD   target >= 0.90
-#   miss-rr32     4k randread QD32, cold cache, working set = the
-#                 whole disk (> the cache), read-allocate          vs raw disk  target >= 0.95
-#   wb-rw32       4k randwrite QD32, write-back hits (warmed by
-#                 writing the working set), commit on-flush        vs raw SSD   target >= 0.85
-#   wb-rw32-sync  the same with --commit sync                      vs raw SSD   (recorded)
+# with the engine the case names: async, N requests in flight through the
+# cache's submit_read/submit_write, each resubmitted from its completion
+# callback (io_uring's model: the targets compare it with fio io_uring), or
+# sync, N threads of blocking I/O through the cache (psync's model: compare it
+# with fio psync)):
+#   hit-rr32          4k randread QD32, all hits (cache-bench --warm),
+#                     engine async                                  vs raw SSD   target >= 0.90
+#   hit-rr32-threads  the same, engine sync (32 threads)            vs raw SSD   (recorded)
+#   hit-rr1           4k randread QD1, all hits, engine async       vs raw SSD   target >= 0.90
+#   hit-rr1-threads   the same, engine sync (1 thread)              vs raw SSD   (recorded)
+#   miss-rr32         4k randread QD32, cold cache, working set = the
+#                     whole disk (> the cache), read-allocate,
+#                     engine sync (32 threads)                      vs raw disk  target >= 0.95
+#   wb-rw32           4k randwrite QD32, write-back hits (warmed by
+#                     writing the working set), commit on-flush,
+#                     engine async                                  vs raw SSD   target >= 0.85
+#   wb-rw32-threads   the same, engine sync (32 threads)            vs raw SSD   (recorded)
+#   wb-rw32-sync      wb-rw32 with --commit sync, engine async      vs raw SSD   (recorded)
 # Optional (CASES): wb-rw32-clean and wb-rw32-sync-clean, the write cases with
 # the working set warmed by reading (cached clean), so first writes dirty
-# blocks during the run (sync mode then commits metadata on the write path).
+# blocks during the run (sync mode then commits metadata on the write path);
+# engine async.
 # Same offset range for all tools of a case (WS from offset 0 for hit and
 # write cases, the whole disk for the miss case). PAIRS rounds; the order of
 # the three tools rotates every round. Before every run it waits until no
@@ -46,7 +57,7 @@
 #   bash benches/run-cache-compare.sh [--pairs N] [--runtime S] [--ramp S]
 #        [--cases "hit-rr32 miss-rr32"] [--results DIR]
 #
-# Environment variables: PAIRS (5), RUNTIME (8), RAMP (2), CASES (all five),
+# Environment variables: PAIRS (5), RUNTIME (8), RAMP (2), CASES (all eight above),
 # WS (working set of the hit and write cases, 1G), SSD_SIZE (4G), DISK_SIZE
 # (8G; must exceed SSD_SIZE so the miss case misses), EXT4_DIR (/var/tmp; must
 # be ext4), READ_IOPS (200), WRITE_IOPS (200), BPS (150000000), WAIT_IDLE (1:
@@ -59,7 +70,7 @@ set -euo pipefail
 PAIRS=${PAIRS:-5}
 RUNTIME=${RUNTIME:-8}
 RAMP=${RAMP:-2}
-CASES=${CASES:-"hit-rr32 hit-rr1 miss-rr32 wb-rw32 wb-rw32-sync"}
+CASES=${CASES:-"hit-rr32 hit-rr32-threads hit-rr1 hit-rr1-threads miss-rr32 wb-rw32 wb-rw32-threads wb-rw32-sync"}
 WS=${WS:-1G}
 SSD_SIZE=${SSD_SIZE:-4G}
 DISK_SIZE=${DISK_SIZE:-8G}
@@ -214,26 +225,43 @@ WAIT_IDLE = os.environ.get("WAIT_IDLE", "1") == "1"
 WAIT_MAX = float(os.environ.get("WAIT_MAX", "2400"))
 HZ = os.sysconf("SC_CLK_TCK")
 
-# name: (rw, qd, reference device, cache-bench options, target, description)
+# name: (rw, qd, reference device, cache-bench engine, cache-bench options, target,
+# description). The targets compare cache-bench's async engine (N requests in flight, no
+# thread per request) with fio io_uring; each "-threads" case runs the same load with the
+# sync engine (N threads of blocking calls), whose like is fio psync.
 KNOWN = {
-    "hit-rr32": ("randread", 32, "ssd", ["--warm", "--cgroup", CG], 0.90,
-                 "4k randread QD32, all hits, vs raw SSD"),
-    "hit-rr1": ("randread", 1, "ssd", ["--warm", "--cgroup", CG], 0.90,
-                "4k randread QD1, all hits, vs raw SSD"),
-    "miss-rr32": ("randread", 32, "disk", [], 0.95,
-                  "4k randread QD32, all misses (cold, working set = disk > cache), vs raw disk"),
-    "wb-rw32": ("randwrite", 32, "ssd", ["--warm", "--commit", "on-flush"], 0.85,
-                "4k randwrite QD32, write-back hits, commit on-flush, vs raw SSD"),
-    "wb-rw32-sync": ("randwrite", 32, "ssd", ["--warm", "--commit", "sync"], None,
-                     "4k randwrite QD32, write-back hits, commit sync, vs raw SSD"),
+    "hit-rr32": ("randread", 32, "ssd", "async", ["--warm", "--cgroup", CG], 0.90,
+                 "4k randread QD32, all hits, cache-bench async engine, vs raw SSD"),
+    "hit-rr32-threads": ("randread", 32, "ssd", "sync", ["--warm", "--cgroup", CG], None,
+                         "4k randread QD32, all hits, cache-bench sync engine (32 threads; "
+                         "compare with fio-psync), vs raw SSD"),
+    "hit-rr1": ("randread", 1, "ssd", "async", ["--warm", "--cgroup", CG], 0.90,
+                "4k randread QD1, all hits, cache-bench async engine, vs raw SSD"),
+    "hit-rr1-threads": ("randread", 1, "ssd", "sync", ["--warm", "--cgroup", CG], None,
+                        "4k randread QD1, all hits, cache-bench sync engine (1 thread; "
+                        "compare with fio-psync), vs raw SSD"),
+    "miss-rr32": ("randread", 32, "disk", "sync", [], 0.95,
+                  "4k randread QD32, all misses (cold, working set = disk > cache), "
+                  "cache-bench sync engine (32 threads), vs raw disk"),
+    "wb-rw32": ("randwrite", 32, "ssd", "async", ["--warm", "--commit", "on-flush"], 0.85,
+                "4k randwrite QD32, write-back hits, commit on-flush, cache-bench async engine, "
+                "vs raw SSD"),
+    "wb-rw32-threads": ("randwrite", 32, "ssd", "sync", ["--warm", "--commit", "on-flush"], None,
+                        "4k randwrite QD32, write-back hits, commit on-flush, cache-bench sync "
+                        "engine (32 threads; compare with fio-psync), vs raw SSD"),
+    "wb-rw32-sync": ("randwrite", 32, "ssd", "async", ["--warm", "--commit", "sync"], None,
+                     "4k randwrite QD32, write-back hits, commit sync, cache-bench async engine, "
+                     "vs raw SSD"),
     # Optional: warmed by reading, so a block's first write in the run dirties it (in sync
     # mode that write commits the block's slot before it returns).
-    "wb-rw32-clean": ("randwrite", 32, "ssd",
+    "wb-rw32-clean": ("randwrite", 32, "ssd", "async",
                       ["--warm", "--warm-op", "read", "--cgroup", CG, "--commit", "on-flush"],
-                      None, "4k randwrite QD32, write-back hits on clean blocks, commit on-flush"),
-    "wb-rw32-sync-clean": ("randwrite", 32, "ssd",
+                      None, "4k randwrite QD32, write-back hits on clean blocks, commit on-flush, "
+                      "cache-bench async engine"),
+    "wb-rw32-sync-clean": ("randwrite", 32, "ssd", "async",
                            ["--warm", "--warm-op", "read", "--cgroup", CG, "--commit", "sync"],
-                           None, "4k randwrite QD32, write-back hits on clean blocks, commit sync"),
+                           None, "4k randwrite QD32, write-back hits on clean blocks, commit "
+                           "sync, cache-bench async engine"),
 }
 for c in CASES:
     if c not in KNOWN:
@@ -266,9 +294,10 @@ def fio_cmd(rw, qd, device, engine):
     return IN_CG + PIN + cmd
 
 
-def cache_cmd(rw, qd, opts):
+def cache_cmd(rw, qd, engine, opts):
     cmd = [BENCH, "--ssd", SSD, "--disk", DISK, "--mode", "back", "--rw", rw, "--bs", "4k",
-           "--iodepth", str(qd), "--runtime", fmt(RUNTIME), "--ramp", fmt(RAMP), "--json"]
+           "--engine", engine, "--iodepth", str(qd), "--runtime", fmt(RUNTIME),
+           "--ramp", fmt(RAMP), "--json"]
     if "--warm" in opts:
         cmd += ["--working-set", WS]
     cmd += opts
@@ -377,11 +406,11 @@ TOOLS = ["fio-uring", "fio-psync", "cache"]
 summary = []
 commands = {}
 for case in CASES:
-    rw, qd, ref, opts, target, desc = KNOWN[case]
+    rw, qd, ref, engine, opts, target, desc = KNOWN[case]
     device = SSD if ref == "ssd" else DISK
     cmds = {"fio-uring": fio_cmd(rw, qd, device, "io_uring"),
             "fio-psync": fio_cmd(rw, qd, device, "psync"),
-            "cache": cache_cmd(rw, qd, opts)}
+            "cache": cache_cmd(rw, qd, engine, opts)}
     commands[case] = {k: shlex.join(v) for k, v in cmds.items()}
     print(f"== {case}: {desc}", flush=True)
     for k in TOOLS:
@@ -421,6 +450,7 @@ for case in CASES:
     rp = [r["ratio_psync"] for r in rounds]
     row = {
         "case": case, "desc": desc, "target": target, "rw": rw, "iodepth": qd, "reference": ref,
+        "cache_engine": engine,
         "ratio_uring_median": med(ru), "ratio_uring_min": min(ru), "ratio_uring_max": max(ru),
         "ratio_psync_median": med(rp), "ratio_psync_min": min(rp), "ratio_psync_max": max(rp),
         "gave_up_waiting": any(r[t]["gave_up_waiting"] for r in rounds for t in TOOLS),
@@ -473,8 +503,12 @@ notes = (
     f"working set {WS} for hit/write cases, the whole disk for the miss case.\n"
     "Ratios: cache-bench IOPS / fio IOPS within a round, median and min-max over rounds. "
     "fio-uring: --ioengine=io_uring --numjobs=1 --iodepth=N (the targets' reference); "
-    "fio-psync: --ioengine=psync --numjobs=N --thread. cache-bench: N threads of synchronous "
-    "I/O through the cache. CPU us/IO: busy time of all CPUs (/proc/stat, includes loop "
+    "fio-psync: --ioengine=psync --numjobs=N --thread. cache-bench: --engine async (N "
+    "requests in flight through the cache's asynchronous API, each resubmitted from its "
+    "completion callback: io_uring's model, the targets' comparison) or --engine sync (N "
+    "threads of blocking I/O through the cache: psync's model, read its cache/fio-psync "
+    "ratio); engine per case: "
+    + ", ".join(f"{r['case']} {r['cache_engine']}" for r in summary) + ". CPU us/IO: busy time of all CPUs (/proc/stat, includes loop "
     "kworkers, and anything else running) over the measured window / I/Os; process CPU: each "
     "tool's own user+system time / I/Os (getrusage for cache-bench, fio's usr/sys_cpu).\n"
     "Highest 1-minute load average seen before a run, per case: "

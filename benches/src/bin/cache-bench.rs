@@ -5,10 +5,19 @@
 //! seconds with 4 KiB (`--bs`) random reads or writes at block-aligned offsets
 //! of the working set (`--offset`..`--offset + --working-set` of the disk).
 //!
-//! The cache's I/O calls are synchronous, so `--iodepth N` means N threads,
-//! each with one call in flight (fio's `--ioengine=psync --numjobs=N
-//! --thread`): the honest model of the current API. The cache is shared
-//! between them with an [`Arc`].
+//! `--engine` picks how `--iodepth N` requests are kept in flight:
+//!
+//! - `sync` (the default): N threads, each with one blocking call
+//!   ([`Cache::read_with`], [`Cache::write_with`]) in flight, like fio's
+//!   `--ioengine=psync --numjobs=N --thread`. The cache is shared between them
+//!   with an [`Arc`].
+//! - `async`: N requests in flight from one thread through the cache's native
+//!   asynchronous API ([`Cache::submit_read`], [`Cache::submit_write`]), like
+//!   fio's `--ioengine=io_uring --numjobs=1 --iodepth=N`. The main thread
+//!   submits N requests ("slots"); each completion callback records its
+//!   latency and submits the slot's next request with the same buffer, so no
+//!   thread of the benchmark waits for an I/O. This is the engine to compare
+//!   against fio's io_uring numbers; `sync` compares with fio's psync.
 //!
 //! - `--warm` first reads (`--rw randread`) or writes (`--rw randwrite`) the
 //!   whole working set once, with `--warm-threads` threads, then flushes, so
@@ -24,7 +33,8 @@
 //!
 //! The report gives IOPS, the hit ratio of the measured phase (from the
 //! cache's counters: read hits / reads, or write hits / writes), latency
-//! percentiles (one HDR histogram per thread, merged), the process's CPU time
+//! percentiles (one HDR histogram per thread or slot, merged; submit to
+//! completion), the process's CPU time
 //! (`getrusage`), the busy time of all CPUs (`/proc/stat`, which also counts
 //! loop kworkers), and the RAM the block index takes per cache block
 //! ([`Cache::index_bytes`]). At the end the cache is shut down with
@@ -32,7 +42,8 @@
 //!
 //! ```text
 //! cargo run --release -p benches --bin cache-bench -- --ssd /dev/loop0 --disk /dev/loop1 \
-//!     --mode back --rw randread --bs 4k --iodepth 32 --runtime 8 --working-set 1g --warm --json
+//!     --mode back --rw randread --bs 4k --engine async --iodepth 32 --runtime 8 \
+//!     --working-set 1g --warm --json
 //! ```
 
 #[path = "../shared/args.rs"]
@@ -47,13 +58,14 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
-use flashcache_core::cache::{Cache, IoFlags};
-use flashcache_core::dmio::BlockDevice;
+use flashcache_core::cache::{Cache, CacheError, IoFlags};
+use flashcache_core::dmio::{AlignedBuf, BlockDevice};
 use flashcache_core::format::{CacheMode, CommitMode};
 use flashcache_core::policy::{CacheStats, PolicyKind};
 use flashcache_core::setup::CreateOptions;
@@ -102,6 +114,27 @@ impl Rw {
         match self {
             Rw::Randread => "randread",
             Rw::Randwrite => "randwrite",
+        }
+    }
+}
+
+/// How the measured phase keeps `--iodepth` requests in flight (`--engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Engine {
+    /// --iodepth threads, each with one blocking call in flight (like fio's
+    /// psync with --numjobs=N --thread).
+    Sync,
+    /// --iodepth requests in flight through the cache's asynchronous API, no
+    /// thread per request: each completion callback submits the next (like
+    /// fio's io_uring with --iodepth=N).
+    Async,
+}
+
+impl Engine {
+    fn name(self) -> &'static str {
+        match self {
+            Engine::Sync => "sync",
+            Engine::Async => "async",
         }
     }
 }
@@ -188,7 +221,12 @@ struct Args {
     /// Bytes per request (suffixes k, m, g are powers of 1024).
     #[arg(long, default_value = "4k", value_parser = parse_size)]
     bs: u64,
-    /// Threads, each with one synchronous request in flight.
+    /// How requests are kept in flight: threads with one blocking call each
+    /// (sync), or asynchronous requests resubmitted from their callbacks (async).
+    #[arg(long, value_enum, default_value_t = Engine::Sync)]
+    engine: Engine,
+    /// Requests in flight: threads, each with one blocking call (--engine
+    /// sync), or asynchronous requests in flight at once (--engine async).
     #[arg(long, default_value_t = 32)]
     iodepth: usize,
     /// Seconds of measurement (after the ramp).
@@ -263,31 +301,18 @@ const PHASE_MEASURE: u8 = 1;
 /// Workers stop.
 const PHASE_STOP: u8 = 2;
 
-/// A buffer of `len` bytes aligned to 4 KiB (the cache copies through its own
-/// aligned buffers; this only keeps the caller's side realistic).
-struct Aligned {
-    storage: Vec<u8>,
-    start: usize,
-    len: usize,
+/// A buffer of `len` bytes aligned to 4 KiB, every byte `fill`. The cache
+/// copies through its own aligned buffers, so the alignment only keeps the
+/// caller's side realistic; dmio's [`AlignedBuf`] is also the type the
+/// asynchronous API takes and hands back, so both engines use it.
+fn filled_buf(len: usize, fill: u8) -> AlignedBuf {
+    let mut buf = AlignedBuf::new(len);
+    buf.fill(fill);
+    buf
 }
 
-impl Aligned {
-    fn new(len: usize, fill: u8) -> Aligned {
-        let storage = vec![fill; len + 4096];
-        let start = storage.as_ptr().align_offset(4096).min(4096);
-        Aligned { storage, start, len }
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        &self.storage[self.start..self.start + self.len]
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.storage[self.start..self.start + self.len]
-    }
-}
-
-/// What the measured phase shares between threads.
+/// What the measured phase shares between threads (sync engine) or
+/// completion callbacks (async engine).
 struct Shared {
     cache: Arc<Cache>,
     rw: Rw,
@@ -301,6 +326,12 @@ struct Shared {
     phase: AtomicU8,
     errors: AtomicU64,
     first_error: Mutex<Option<String>>,
+    /// Async engine: slots that have not stopped yet. The main thread waits
+    /// for 0 after the stop before it reads `slot_results`.
+    slots_running: AtomicUsize,
+    /// Async engine: what each stopped slot measured (one short lock per slot,
+    /// at its end; never per I/O).
+    slot_results: Mutex<Vec<WorkerResult>>,
 }
 
 impl Shared {
@@ -329,7 +360,7 @@ fn new_histogram() -> Result<Histogram<u64>, String> {
 /// One worker: synchronous I/O at random offsets until the run stops.
 fn worker(shared: Arc<Shared>, seed: u64, bs: usize, mut hist: Histogram<u64>) -> WorkerResult {
     let mut rng = SplitMix64::new(seed);
-    let mut buf = Aligned::new(bs, (seed as u8) ^ 0x5a);
+    let mut buf = filled_buf(bs, (seed as u8) ^ 0x5a);
     let mut ios = 0u64;
     loop {
         let phase = shared.phase.load(Ordering::Acquire);
@@ -339,8 +370,8 @@ fn worker(shared: Arc<Shared>, seed: u64, bs: usize, mut hist: Histogram<u64>) -
         let sector = shared.start_sector + rng.below(shared.blocks) * shared.sectors;
         let started = Instant::now();
         let result = match shared.rw {
-            Rw::Randread => shared.cache.read_with(sector, buf.as_mut_slice(), shared.flags),
-            Rw::Randwrite => shared.cache.write_with(sector, buf.as_slice(), shared.flags),
+            Rw::Randread => shared.cache.read_with(sector, &mut buf, shared.flags),
+            Rw::Randwrite => shared.cache.write_with(sector, &buf, shared.flags),
         };
         let now = Instant::now();
         if let Err(e) = result {
@@ -348,12 +379,223 @@ fn worker(shared: Arc<Shared>, seed: u64, bs: usize, mut hist: Histogram<u64>) -
             break;
         }
         if phase == PHASE_MEASURE {
-            let ns = now.saturating_duration_since(started).as_nanos();
-            hist.saturating_record(u64::try_from(ns).unwrap_or(u64::MAX).max(1));
+            record_latency(&mut hist, started, now);
             ios += 1;
         }
     }
     WorkerResult { hist, ios }
+}
+
+/// Records the latency of a request submitted at `started` and done at `now`
+/// (at least 1 ns: the histogram's lowest value).
+fn record_latency(hist: &mut Histogram<u64>, started: Instant, now: Instant) {
+    let ns = now.saturating_duration_since(started).as_nanos();
+    hist.saturating_record(u64::try_from(ns).unwrap_or(u64::MAX).max(1));
+}
+
+/// How long the main thread waits, after the stop, for the async engine's
+/// last requests to complete. A cache hit takes microseconds and a throttled
+/// miss milliseconds, so running out of this means a lost completion: an
+/// error, not a hang.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One slot of the async engine: the state of one of the `--iodepth` requests
+/// kept in flight.
+///
+/// The slot moves into its request's completion callback and from there into
+/// the next request's, so exactly one thread owns it at a time: recording a
+/// latency takes no lock and slots never contend with each other. Its buffer
+/// travels through the cache instead (`submit_*` takes it, the callback hands
+/// it back), so the benchmark allocates no buffer per I/O (the cache boxes
+/// each callback, as any caller's).
+struct AsyncSlot {
+    shared: Arc<Shared>,
+    rng: SplitMix64,
+    hist: Histogram<u64>,
+    /// Requests recorded.
+    ios: u64,
+    /// When the request in flight was submitted.
+    started: Instant,
+    /// Whether the request in flight was submitted in the measure phase. The
+    /// sync worker's rule (the phase read before a call decides whether the
+    /// call counts), so both engines count the same requests.
+    measured: bool,
+}
+
+impl AsyncSlot {
+    /// A slot whose random offsets come from `seed` (like a sync worker's).
+    fn new(shared: Arc<Shared>, seed: u64, hist: Histogram<u64>) -> AsyncSlot {
+        let rng = SplitMix64::new(seed);
+        AsyncSlot { shared, rng, hist, ios: 0, started: Instant::now(), measured: false }
+    }
+
+    /// Submits the slot's next request with `buf`, or ends the slot when the
+    /// run has stopped or failed. Runs on the main thread for the first
+    /// request and inside the previous request's callback after that, so it
+    /// must not block: it reads atomics and calls `submit_*`, which does not.
+    fn submit_next(mut self, buf: AlignedBuf) {
+        let phase = self.shared.phase.load(Ordering::Acquire);
+        if phase == PHASE_STOP || self.shared.errors.load(Ordering::Relaxed) != 0 {
+            self.finish();
+            return;
+        }
+        // The callback takes the slot (and its reference to `Shared`) and may
+        // run on another thread before `submit_*` returns, so this call needs
+        // a reference of its own.
+        let shared = self.shared.clone();
+        let sector = shared.start_sector + self.rng.below(shared.blocks) * shared.sectors;
+        self.measured = phase == PHASE_MEASURE;
+        self.started = Instant::now();
+        let done = move |result: Result<(), CacheError>, buf: AlignedBuf| {
+            self.complete(sector, result, buf);
+        };
+        let submitted = match shared.rw {
+            Rw::Randread => shared.cache.submit_read(sector, buf, shared.flags, done),
+            Rw::Randwrite => shared.cache.submit_write(sector, buf, shared.flags, done),
+        };
+        if let Err(e) = submitted {
+            // The callback was dropped uncalled, and the slot with it: the
+            // slot ends here (its measurements do not matter, the run failed).
+            shared.fail(format!("submitting {} at sector {sector} failed: {e}", shared.rw.name()));
+            shared.slots_running.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// The completion callback of the slot's request at `sector`: records it
+    /// and submits the next one with the same buffer.
+    fn complete(mut self, sector: u64, result: Result<(), CacheError>, buf: AlignedBuf) {
+        let now = Instant::now();
+        if let Err(e) = result {
+            self.shared.fail(format!("{} at sector {sector} failed: {e}", self.shared.rw.name()));
+            self.finish();
+            return;
+        }
+        if self.measured {
+            record_latency(&mut self.hist, self.started, now);
+            self.ios += 1;
+        }
+        self.submit_next(buf);
+    }
+
+    /// Ends the slot: hands its measurements to the main thread.
+    fn finish(self) {
+        let AsyncSlot { shared, hist, ios, .. } = self;
+        shared
+            .slot_results
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(WorkerResult { hist, ios });
+        shared.slots_running.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The load of the measured phase while it runs.
+enum Load {
+    /// Sync engine: the worker threads.
+    Threads(Vec<JoinHandle<WorkerResult>>),
+    /// Async engine: the slots keep themselves going from their callbacks;
+    /// [`Shared::slots_running`] and [`Shared::slot_results`] track them.
+    Slots,
+}
+
+/// Starts `iodepth` sync workers, seeded from `rng`. A thread that cannot be
+/// started stops the run (recorded in `shared`); the ones started are returned
+/// to be joined.
+fn start_threads(
+    shared: &Arc<Shared>,
+    iodepth: usize,
+    bs: usize,
+    rng: &mut SplitMix64,
+) -> Result<Load, String> {
+    let mut handles = Vec::with_capacity(iodepth);
+    for i in 0..iodepth {
+        let worker_shared = shared.clone();
+        let hist = new_histogram()?;
+        let thread_seed = rng.next_u64();
+        let handle = std::thread::Builder::new()
+            .name(format!("cache-bench-{i}"))
+            .spawn(move || worker(worker_shared, thread_seed, bs, hist))
+            .map_err(|e| format!("cannot start worker thread {i}: {e}"));
+        match handle {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                shared.phase.store(PHASE_STOP, Ordering::Release);
+                shared.fail(e);
+                break;
+            }
+        }
+    }
+    Ok(Load::Threads(handles))
+}
+
+/// Starts `iodepth` async slots, seeded from `rng` like the sync workers, each
+/// with a `bs`-byte buffer filled like a sync worker's (what writes write).
+/// Everything is allocated before the first submission, so an error here
+/// leaves nothing in flight.
+fn start_slots(
+    shared: &Arc<Shared>,
+    iodepth: usize,
+    bs: usize,
+    rng: &mut SplitMix64,
+) -> Result<Load, String> {
+    let mut slots = Vec::with_capacity(iodepth);
+    for _ in 0..iodepth {
+        let seed = rng.next_u64();
+        let slot = AsyncSlot::new(shared.clone(), seed, new_histogram()?);
+        slots.push((slot, filled_buf(bs, (seed as u8) ^ 0x5a)));
+    }
+    for (slot, buf) in slots {
+        shared.slots_running.fetch_add(1, Ordering::AcqRel);
+        slot.submit_next(buf);
+    }
+    Ok(Load::Slots)
+}
+
+/// Waits, after the stop, until the load has ended (threads joined, or every
+/// async slot ended and every callback let go of `shared`), and merges what it
+/// measured. A panicked thread or a slot that does not end within
+/// [`DRAIN_TIMEOUT`] is recorded in `shared` as the run's error.
+fn finish_load(load: Load, shared: &Arc<Shared>) -> Result<(Histogram<u64>, u64), String> {
+    let mut results = Vec::new();
+    match load {
+        Load::Threads(handles) => {
+            for h in handles {
+                match h.join() {
+                    Ok(r) => results.push(r),
+                    Err(_) => shared.fail("a worker thread panicked".into()),
+                }
+            }
+        }
+        Load::Slots => {
+            let deadline = Instant::now() + DRAIN_TIMEOUT;
+            // A callback drops its references to `shared` just after its slot
+            // ends; the cache can only be shut down once they are all gone, so
+            // both are waited for. Neither takes long: a short sleep loop.
+            let busy = || {
+                shared.slots_running.load(Ordering::Acquire) != 0 || Arc::strong_count(shared) > 1
+            };
+            while busy() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if busy() {
+                shared.fail(format!(
+                    "{} async requests were still in flight (or their callbacks running) {} s \
+                     after the run stopped",
+                    shared.slots_running.load(Ordering::Acquire),
+                    DRAIN_TIMEOUT.as_secs()
+                ));
+            }
+            results =
+                std::mem::take(&mut *shared.slot_results.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+    }
+    let mut hist = new_histogram()?;
+    let mut ios = 0u64;
+    for r in results {
+        hist.add(&r.hist).map_err(|e| format!("merging latency histograms: {e}"))?;
+        ios += r.ios;
+    }
+    Ok((hist, ios))
 }
 
 /// Reads or writes every block of the working set once, `threads` at a time,
@@ -374,7 +616,7 @@ fn warm(
     for t in 0..threads.max(1) {
         let (cache, next, failed) = (cache.clone(), next.clone(), failed.clone());
         handles.push(std::thread::spawn(move || {
-            let mut buf = Aligned::new(CHUNK as usize, 0xc3 ^ t as u8);
+            let mut buf = filled_buf(CHUNK as usize, 0xc3 ^ t as u8);
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= chunks || failed.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
@@ -383,8 +625,8 @@ fn warm(
                 let len = (bytes - i * CHUNK).min(CHUNK) as usize;
                 let sector = start_sector + i * CHUNK / 512;
                 let result = match op {
-                    Rw::Randread => cache.read(sector, &mut buf.as_mut_slice()[..len]),
-                    Rw::Randwrite => cache.write(sector, &buf.as_slice()[..len]),
+                    Rw::Randread => cache.read(sector, &mut buf[..len]),
+                    Rw::Randwrite => cache.write(sector, &buf[..len]),
                 };
                 if let Err(e) = result {
                     let mut f = failed.lock().unwrap_or_else(|e| e.into_inner());
@@ -459,6 +701,7 @@ struct Report {
     ssd_dio: Option<bool>,
     disk_dio: Option<bool>,
     rw: Rw,
+    engine: Engine,
 }
 
 impl Report {
@@ -488,6 +731,7 @@ impl Report {
             self.delta.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect();
         serde_json::json!({
             "tool": "cache-bench",
+            "engine": self.engine.name(),
             "args": self.args_summary,
             "warm_s": self.warm_s,
             "runtime_s": self.runtime_s,
@@ -570,7 +814,11 @@ impl Report {
 /// Runs the benchmark.
 fn run(args: &Args) -> Result<Report, String> {
     if args.iodepth == 0 || args.iodepth > 4096 {
-        return Err(format!("--iodepth must be 1 to 4096 (threads), not {}", args.iodepth));
+        let what = match args.engine {
+            Engine::Sync => "threads",
+            Engine::Async => "requests in flight",
+        };
+        return Err(format!("--iodepth must be 1 to 4096 ({what}), not {}", args.iodepth));
     }
     if args.warm_threads == 0 || args.warm_threads > 4096 {
         return Err(format!("--warm-threads must be 1 to 4096, not {}", args.warm_threads));
@@ -684,30 +932,18 @@ fn run(args: &Args) -> Result<Report, String> {
         phase: AtomicU8::new(if args.ramp > 0.0 { PHASE_RAMP } else { PHASE_MEASURE }),
         errors: AtomicU64::new(0),
         first_error: Mutex::new(None),
+        slots_running: AtomicUsize::new(0),
+        slot_results: Mutex::new(Vec::with_capacity(args.iodepth)),
     });
     let mut rng = SplitMix64::new(seed);
     let mut cpu0 = process_cpu();
     let mut sys0 = SystemCpu::read();
     let mut stats0 = cache.stats();
     let mut t0 = Instant::now();
-    let mut handles = Vec::with_capacity(args.iodepth);
-    for i in 0..args.iodepth {
-        let worker_shared = shared.clone();
-        let hist = new_histogram()?;
-        let thread_seed = rng.next_u64();
-        let handle = std::thread::Builder::new()
-            .name(format!("cache-bench-{i}"))
-            .spawn(move || worker(worker_shared, thread_seed, bs as usize, hist))
-            .map_err(|e| format!("cannot start worker thread {i}: {e}"));
-        match handle {
-            Ok(h) => handles.push(h),
-            Err(e) => {
-                shared.phase.store(PHASE_STOP, Ordering::Release);
-                shared.fail(e);
-                break;
-            }
-        }
-    }
+    let load = match args.engine {
+        Engine::Sync => start_threads(&shared, args.iodepth, bs as usize, &mut rng)?,
+        Engine::Async => start_slots(&shared, args.iodepth, bs as usize, &mut rng)?,
+    };
     let mut ok = shared.errors.load(Ordering::Relaxed) == 0;
     if ok && args.ramp > 0.0 {
         ok = sleep_watching(&shared, args.ramp);
@@ -725,17 +961,7 @@ fn run(args: &Args) -> Result<Report, String> {
     let cpu1 = process_cpu();
     let sys1 = SystemCpu::read();
     let stats1 = cache.stats();
-    let mut hist = new_histogram()?;
-    let mut ios = 0u64;
-    for h in handles {
-        match h.join() {
-            Ok(r) => {
-                hist.add(&r.hist).map_err(|e| format!("merging latency histograms: {e}"))?;
-                ios += r.ios;
-            }
-            Err(_) => shared.fail("a worker thread panicked".into()),
-        }
-    }
+    let (hist, ios) = finish_load(load, &shared)?;
     let dirty_blocks_after = cache.dirty_blocks();
     let shutdown_started = Instant::now();
     let first_error = shared.first_error.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -758,6 +984,7 @@ fn run(args: &Args) -> Result<Report, String> {
         "mode": args.mode.name(),
         "rw": args.rw.name(),
         "bs": bs,
+        "engine": args.engine.name(),
         "iodepth": args.iodepth,
         "runtime": args.runtime,
         "ramp": args.ramp,
@@ -796,6 +1023,7 @@ fn run(args: &Args) -> Result<Report, String> {
         ssd_dio: loop_dio(&args.ssd),
         disk_dio: loop_dio(&args.disk),
         rw: args.rw,
+        engine: args.engine,
     })
 }
 
@@ -855,9 +1083,29 @@ mod tests {
     }
 
     #[test]
-    fn aligned_buffers_are_aligned() {
-        let mut b = Aligned::new(4096, 1);
-        assert_eq!(b.as_mut_slice().as_ptr() as usize % 4096, 0);
-        assert_eq!(b.as_slice().len(), 4096);
+    fn aligned_buffers_are_aligned_and_filled() {
+        let b = filled_buf(8192, 0x5b);
+        assert_eq!(b.as_ptr() as usize % 4096, 0);
+        assert_eq!(b.len(), 8192);
+        assert!(b.iter().all(|&x| x == 0x5b));
+    }
+
+    /// The arguments every run needs, then `extra`.
+    fn parse(extra: &[&str]) -> Result<Args, clap::Error> {
+        let base = ["cache-bench", "--ssd", "/dev/null", "--disk", "/dev/null"];
+        Args::try_parse_from(base.iter().chain(extra))
+    }
+
+    #[test]
+    fn engine_defaults_to_sync_and_parses() {
+        let args = parse(&[]).map_err(|e| e.to_string());
+        assert_eq!(args.map(|a| (a.engine, a.iodepth)), Ok((Engine::Sync, 32)));
+        let args = parse(&["--engine", "async", "--iodepth", "8"]).map_err(|e| e.to_string());
+        assert_eq!(args.map(|a| (a.engine, a.iodepth)), Ok((Engine::Async, 8)));
+        let args = parse(&["--engine=sync"]).map_err(|e| e.to_string());
+        assert_eq!(args.map(|a| a.engine), Ok(Engine::Sync));
+        assert!(parse(&["--engine", "uring"]).is_err());
+        assert_eq!(Engine::Sync.name(), "sync");
+        assert_eq!(Engine::Async.name(), "async");
     }
 }
