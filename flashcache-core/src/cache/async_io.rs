@@ -63,10 +63,11 @@ pub(crate) type IoNotify = Box<dyn FnOnce(Result<(), CacheError>, AlignedBuf) + 
 pub(super) type Job = Box<dyn FnOnce(bool) + Send>;
 
 thread_local! {
-    /// Asynchronous requests whose callback is running on this thread (a pool
-    /// worker), so that a shutdown from inside a callback does not wait for
-    /// itself.
-    static CALLBACKS_HERE: Cell<usize> = const { Cell::new(0) };
+    /// On a pool worker, the address of the [`AsyncState`] it works for (else
+    /// 0): a shutdown from inside one of that cache's callbacks must not wait
+    /// for the request whose callback is running, but must wait for every
+    /// request of any other cache.
+    static WORKER_OF: Cell<usize> = const { Cell::new(0) };
 }
 
 /// The asynchronous side of a cache: the worker pool and the requests in
@@ -116,16 +117,18 @@ impl AsyncState {
         let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         if tx.is_none() {
             let (sender, receiver) = unbounded::<Job>();
+            // Stable: the state lives in the cache's `Arc<Inner>`, which
+            // outlives its workers (`close` joins them).
+            let owner = std::ptr::from_ref(self) as usize;
             let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
             for i in 0..ASYNC_WORKERS {
                 let rx = receiver.clone();
                 let spawned = std::thread::Builder::new().name(format!("flashcache-io-{i}")).spawn(
                     move || {
+                        WORKER_OF.with(|c| c.set(owner));
                         for job in rx {
-                            CALLBACKS_HERE.with(|c| c.set(c.get() + 1));
                             // A panicking callback must not take a worker with it.
                             let _ = std::panic::catch_unwind(AssertUnwindSafe(|| job(true)));
-                            CALLBACKS_HERE.with(|c| c.set(c.get() - 1));
                         }
                     },
                 );
@@ -149,7 +152,9 @@ impl AsyncState {
     /// queued job and joins the workers.
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
-        let mine = CALLBACKS_HERE.with(|c| c.get());
+        // A worker runs one job at a time: on one of this cache's workers, that
+        // is the request whose callback is closing the cache.
+        let mine = usize::from(WORKER_OF.with(Cell::get) == std::ptr::from_ref(self) as usize);
         while self.in_flight.load(Ordering::SeqCst) > mine {
             std::thread::sleep(Duration::from_micros(200));
         }
