@@ -42,7 +42,7 @@ use crossbeam_channel::{Sender, unbounded};
 use dmio::AlignedBuf;
 
 use super::error::CacheError;
-use super::io_path::{Cacheable, Piece};
+use super::io_path::{Cacheable, Pieces};
 use super::{Cache, Inner, IoFlags};
 
 /// Worker threads in the asynchronous pool.
@@ -186,7 +186,7 @@ impl Inner {
         }
         let (pieces, cacheable) = self.begin_read(sector, buf.len(), flags)?;
         let request = InFlight::start(self)?;
-        let (request, buf, notify) = match pieces.as_slice() {
+        let (request, buf, notify) = match &*pieces {
             [piece] => match request.try_read_hit(*piece, cacheable, buf, notify) {
                 Ok(()) => return Ok(()),
                 Err(declined) => *declined,
@@ -211,7 +211,7 @@ impl Inner {
         }
         let (pieces, cacheable) = self.begin_write(sector, data.len(), flags)?;
         let request = InFlight::start(self)?;
-        let (request, data, notify) = match pieces.as_slice() {
+        let (request, data, notify) = match &*pieces {
             [piece] if !flags.contains(IoFlags::FUA) => {
                 match request.try_write_hit(*piece, data, notify) {
                     Ok(()) => return Ok(()),
@@ -231,7 +231,7 @@ impl InFlight {
     /// with `false` to report the refusal to its callback).
     pub(super) fn read_on_pool(
         self,
-        pieces: Vec<Piece>,
+        pieces: Pieces,
         cacheable: Cacheable,
         mut buf: AlignedBuf,
         notify: IoNotify,
@@ -252,7 +252,7 @@ impl InFlight {
     /// Runs an accepted write on the pool (see [`read_on_pool`](Self::read_on_pool)).
     pub(super) fn write_on_pool(
         self,
-        pieces: Vec<Piece>,
+        pieces: Pieces,
         cacheable: Cacheable,
         data: AlignedBuf,
         flags: IoFlags,

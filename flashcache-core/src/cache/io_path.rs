@@ -29,6 +29,24 @@ impl Piece {
     }
 }
 
+/// An I/O's pieces: most I/O falls in one block, which needs no allocation.
+#[derive(Clone, Debug)]
+pub(super) enum Pieces {
+    One([Piece; 1]),
+    Many(Vec<Piece>),
+}
+
+impl std::ops::Deref for Pieces {
+    type Target = [Piece];
+
+    fn deref(&self) -> &[Piece] {
+        match self {
+            Pieces::One(one) => one,
+            Pieces::Many(many) => many,
+        }
+    }
+}
+
 /// What to do with a miss.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Cacheable {
@@ -60,7 +78,7 @@ impl Inner {
     }
 
     /// Checks an I/O range and splits it into per-block pieces.
-    fn pieces(&self, sector: u64, bytes: usize) -> Result<Vec<Piece>, CacheError> {
+    fn pieces(&self, sector: u64, bytes: usize) -> Result<Pieces, CacheError> {
         let bad = |reason| Err(CacheError::BadRange { sector, bytes: bytes as u64, reason });
         if bytes == 0 {
             return bad("the length is zero");
@@ -78,6 +96,11 @@ impl Inner {
         }
         let block_bytes = self.block_bytes() as u64;
         let start = sector * SECTOR_SIZE;
+        let offset = start % block_bytes;
+        if offset + bytes as u64 <= block_bytes {
+            let block = start / block_bytes;
+            return Ok(Pieces::One([Piece { block, offset: offset as usize, len: bytes, at: 0 }]));
+        }
         let mut out = Vec::new();
         let mut at = 0u64;
         while at < bytes as u64 {
@@ -88,7 +111,7 @@ impl Inner {
             out.push(Piece { block, offset: offset as usize, len: len as usize, at: at as usize });
             at += len;
         }
-        Ok(out)
+        Ok(Pieces::Many(out))
     }
 
     /// Whether misses of this I/O may be cached.
@@ -141,7 +164,7 @@ impl Inner {
         sector: u64,
         len: usize,
         flags: IoFlags,
-    ) -> Result<(Vec<Piece>, Cacheable), CacheError> {
+    ) -> Result<(Pieces, Cacheable), CacheError> {
         self.check_open()?;
         let pieces = self.pieces(sector, len)?;
         Counters::bump(&self.counters.reads);
@@ -326,7 +349,7 @@ impl Inner {
         sector: u64,
         len: usize,
         flags: IoFlags,
-    ) -> Result<(Vec<Piece>, Cacheable), CacheError> {
+    ) -> Result<(Pieces, Cacheable), CacheError> {
         self.check_open()?;
         let pieces = self.pieces(sector, len)?;
         Counters::bump(&self.counters.writes);
@@ -538,7 +561,7 @@ impl Inner {
         Counters::bump(&self.counters.discards);
         let block_bytes = self.block_bytes();
         let mut changed = false;
-        for p in pieces.into_iter().filter(|p| p.is_whole(block_bytes)) {
+        for p in pieces.iter().copied().filter(|p| p.is_whole(block_bytes)) {
             let (set, shard) = self.shard_of(p.block);
             let (_guard, mut st) =
                 BlockGuard::acquire(shard, p.block, Access::Exclusive, &self.counters);

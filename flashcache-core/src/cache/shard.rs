@@ -6,7 +6,6 @@
 //! other. Within a set, a block lock is held across the block's I/O, while the
 //! set's mutex is only held for bookkeeping (never across I/O).
 
-use std::collections::HashMap;
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use crate::policy::{CacheSet, Counters, Replacement, Way};
@@ -32,6 +31,51 @@ struct BlockLock {
     writer: bool,
 }
 
+/// The locked disk blocks of one set. Few blocks of a set are locked at any
+/// time (the I/O in flight to it, plus the runs being cleaned), so a short
+/// vector scanned linearly beats a hash map: one cache line, no hashing.
+#[derive(Default)]
+struct LockTable {
+    held: Vec<(u64, BlockLock)>,
+}
+
+impl LockTable {
+    fn position(&self, block: u64) -> Option<usize> {
+        self.held.iter().position(|(b, _)| *b == block)
+    }
+
+    fn get(&self, block: u64) -> BlockLock {
+        self.position(block).map(|i| self.held[i].1).unwrap_or_default()
+    }
+
+    fn contains(&self, block: u64) -> bool {
+        self.position(block).is_some()
+    }
+
+    fn get_mut(&mut self, block: u64) -> Option<&mut BlockLock> {
+        let i = self.position(block)?;
+        Some(&mut self.held[i].1)
+    }
+
+    /// `block`'s entry, added unlocked if missing.
+    fn entry(&mut self, block: u64) -> &mut BlockLock {
+        let i = match self.position(block) {
+            Some(i) => i,
+            None => {
+                self.held.push((block, BlockLock::default()));
+                self.held.len() - 1
+            }
+        };
+        &mut self.held[i].1
+    }
+
+    fn remove(&mut self, block: u64) {
+        if let Some(i) = self.position(block) {
+            self.held.swap_remove(i);
+        }
+    }
+}
+
 /// A set's bookkeeping, behind the shard's mutex.
 pub(crate) struct SetState {
     /// The blocks, their states and the replacement lists.
@@ -39,7 +83,11 @@ pub(crate) struct SetState {
     /// The set's replacement policy (switchable at run time).
     pub(crate) policy: Box<dyn Replacement>,
     /// Locked disk blocks of this set (cached or not).
-    locks: HashMap<u64, BlockLock>,
+    locks: LockTable,
+    /// Threads waiting in [`Shard::acquire`] for a block lock of this set:
+    /// releases only wake the condition variable when there are any (a
+    /// wake-up is a system call, even with nobody to wake).
+    waiters: u32,
     /// Cleaning writes in flight for this set.
     pub(crate) clean_ios: u32,
 }
@@ -48,10 +96,10 @@ impl SetState {
     /// Takes `block`'s lock without waiting, if free (for cleaning, which skips
     /// busy blocks rather than waiting for them).
     pub(crate) fn try_lock_exclusive(&mut self, block: u64) -> bool {
-        if self.locks.contains_key(&block) {
+        if self.locks.contains(block) {
             return false;
         }
-        self.locks.insert(block, BlockLock { readers: 0, writer: true });
+        *self.locks.entry(block) = BlockLock { readers: 0, writer: true };
         self.mark_busy(block, true);
         true
     }
@@ -60,7 +108,7 @@ impl SetState {
     /// it (for I/O served from a dm-io callback, which may never wait: a busy
     /// block goes the blocking way instead).
     pub(crate) fn try_lock(&mut self, block: u64, access: Access) -> bool {
-        let entry = self.locks.entry(block).or_default();
+        let entry = self.locks.entry(block);
         let free = match access {
             Access::Shared => !entry.writer,
             Access::Exclusive => !entry.writer && entry.readers == 0,
@@ -86,7 +134,7 @@ impl SetState {
     /// the block (a block allocated while locked becomes busy here).
     pub(crate) fn lookup_locked(&mut self, block: u64) -> Option<Way> {
         let way = self.set.lookup(block)?;
-        if self.locks.contains_key(&block) {
+        if self.locks.contains(block) {
             self.set.set_busy(way, true);
         }
         Some(way)
@@ -105,7 +153,13 @@ pub(crate) struct Shard {
 impl Shard {
     pub(crate) fn new(set: CacheSet, policy: Box<dyn Replacement>) -> Shard {
         Shard {
-            state: Mutex::new(SetState { set, policy, locks: HashMap::new(), clean_ios: 0 }),
+            state: Mutex::new(SetState {
+                set,
+                policy,
+                locks: LockTable::default(),
+                waiters: 0,
+                clean_ios: 0,
+            }),
             released: Condvar::new(),
             commit: Mutex::new(()),
         }
@@ -134,13 +188,13 @@ impl Shard {
         let mut state = self.lock();
         let mut counted = false;
         loop {
-            let held = state.locks.get(&block).copied().unwrap_or_default();
+            let held = state.locks.get(block);
             let free = match access {
                 Access::Shared => !held.writer,
                 Access::Exclusive => !held.writer && held.readers == 0,
             };
             if free {
-                let entry = state.locks.entry(block).or_default();
+                let entry = state.locks.entry(block);
                 match access {
                     Access::Shared => entry.readers += 1,
                     Access::Exclusive => entry.writer = true,
@@ -152,22 +206,27 @@ impl Shard {
                 Counters::bump(&counters.pending_enqueues);
                 counted = true;
             }
+            state.waiters += 1;
             state = self.released.wait(state).unwrap_or_else(|e| e.into_inner());
+            state.waiters -= 1;
         }
     }
 
     /// Releases one hold of `block`'s lock (with the bookkeeping locked).
     pub(crate) fn release_locked(&self, state: &mut SetState, block: u64, access: Access) {
-        let Some(entry) = state.locks.get_mut(&block) else { return };
+        let Some(entry) = state.locks.get_mut(block) else { return };
         match access {
             Access::Shared => entry.readers = entry.readers.saturating_sub(1),
             Access::Exclusive => entry.writer = false,
         }
         if entry.readers == 0 && !entry.writer {
-            state.locks.remove(&block);
+            state.locks.remove(block);
             state.mark_busy(block, false);
         }
-        self.released.notify_all();
+        // Waiters count themselves under the mutex held here: none is missed.
+        if state.waiters > 0 {
+            self.released.notify_all();
+        }
     }
 
     /// Releases one hold of `block`'s lock.
