@@ -120,7 +120,7 @@ impl InFlight {
         let inner = self.inner.clone();
         let buf = buffer_of(done.memory.take(), p.len);
         let (_, shard) = inner.shard_of(p.block);
-        shard.release(p.block, Access::Shared);
+        shard.release_cached(p.block, way, Access::Shared);
         match inner.io.ssd_completion_error(false, sector, &done, &inner.counters) {
             None => {
                 notify(Ok(()), buf);

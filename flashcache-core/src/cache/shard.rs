@@ -214,6 +214,17 @@ impl Shard {
 
     /// Releases one hold of `block`'s lock (with the bookkeeping locked).
     pub(crate) fn release_locked(&self, state: &mut SetState, block: u64, access: Access) {
+        self.release_at(state, block, None, access);
+    }
+
+    /// [`release_locked`](Self::release_locked) of a block known to be cached
+    /// at `way` (checked): clearing its busy bit then needs no lookup.
+    pub(crate) fn release_cached(&self, block: u64, way: Way, access: Access) {
+        let mut state = self.lock();
+        self.release_at(&mut state, block, Some(way), access);
+    }
+
+    fn release_at(&self, state: &mut SetState, block: u64, way: Option<Way>, access: Access) {
         let Some(entry) = state.locks.get_mut(block) else { return };
         match access {
             Access::Shared => entry.readers = entry.readers.saturating_sub(1),
@@ -221,7 +232,10 @@ impl Shard {
         }
         if entry.readers == 0 && !entry.writer {
             state.locks.remove(block);
-            state.mark_busy(block, false);
+            match way {
+                Some(way) if state.set.block(way) == Some(block) => state.set.set_busy(way, false),
+                _ => state.mark_busy(block, false),
+            }
         }
         // Waiters count themselves under the mutex held here: none is missed.
         if state.waiters > 0 {
