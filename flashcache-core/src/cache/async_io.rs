@@ -184,7 +184,7 @@ impl Inner {
         if self.async_state.closed.load(Ordering::Acquire) {
             return Err(CacheError::ShutDown);
         }
-        let (pieces, cacheable) = self.begin_read(sector, buf.len(), flags)?;
+        let (pieces, cacheable) = self.begin(sector, buf.len(), flags, false)?;
         let request = InFlight::start(self)?;
         let (request, buf, notify) = match &*pieces {
             [piece] => match request.try_read_hit(*piece, cacheable, buf, notify) {
@@ -209,7 +209,7 @@ impl Inner {
         if self.async_state.closed.load(Ordering::Acquire) {
             return Err(CacheError::ShutDown);
         }
-        let (pieces, cacheable) = self.begin_write(sector, data.len(), flags)?;
+        let (pieces, cacheable) = self.begin(sector, data.len(), flags, true)?;
         let request = InFlight::start(self)?;
         let (request, data, notify) = match &*pieces {
             [piece] if !flags.contains(IoFlags::FUA) => {

@@ -154,26 +154,28 @@ impl Inner {
         flags: IoFlags,
     ) -> Result<(), CacheError> {
         self.check_can_block()?;
-        let (pieces, cacheable) = self.begin_read(sector, buf.len(), flags)?;
+        let (pieces, cacheable) = self.begin(sector, buf.len(), flags, false)?;
         self.read_pieces(&pieces, cacheable, buf)
     }
 
-    /// Checks a read, counts it and decides whether its misses are cached.
-    pub(super) fn begin_read(
+    /// Checks a read or write, counts it and decides whether its misses are
+    /// cached.
+    pub(super) fn begin(
         &self,
         sector: u64,
         len: usize,
         flags: IoFlags,
+        write: bool,
     ) -> Result<(Pieces, Cacheable), CacheError> {
         self.check_open()?;
         let pieces = self.pieces(sector, len)?;
-        Counters::bump(&self.counters.reads);
-        let cacheable = self.cacheable(sector, len, flags, false);
-        self.count_uncached(cacheable, false);
+        Counters::bump(if write { &self.counters.writes } else { &self.counters.reads });
+        let cacheable = self.cacheable(sector, len, flags, write);
+        self.count_uncached(cacheable, write);
         Ok((pieces, cacheable))
     }
 
-    /// The blocking part of a read [`begin_read`](Self::begin_read) accepted.
+    /// The blocking part of a read [`begin`](Self::begin) accepted.
     pub(super) fn read_pieces(
         &self,
         pieces: &[Piece],
@@ -339,26 +341,11 @@ impl Inner {
 
     pub(crate) fn write(&self, sector: u64, data: &[u8], flags: IoFlags) -> Result<(), CacheError> {
         self.check_can_block()?;
-        let (pieces, cacheable) = self.begin_write(sector, data.len(), flags)?;
+        let (pieces, cacheable) = self.begin(sector, data.len(), flags, true)?;
         self.write_pieces(&pieces, cacheable, data, flags)
     }
 
-    /// Checks a write, counts it and decides whether its misses are cached.
-    pub(super) fn begin_write(
-        &self,
-        sector: u64,
-        len: usize,
-        flags: IoFlags,
-    ) -> Result<(Pieces, Cacheable), CacheError> {
-        self.check_open()?;
-        let pieces = self.pieces(sector, len)?;
-        Counters::bump(&self.counters.writes);
-        let cacheable = self.cacheable(sector, len, flags, true);
-        self.count_uncached(cacheable, true);
-        Ok((pieces, cacheable))
-    }
-
-    /// The blocking part of a write [`begin_write`](Self::begin_write) accepted.
+    /// The blocking part of a write [`begin`](Self::begin) accepted.
     pub(super) fn write_pieces(
         &self,
         pieces: &[Piece],
