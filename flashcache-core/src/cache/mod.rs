@@ -27,6 +27,35 @@
 //! counted in `pending_enqueues`). Locks live in the block's set, so I/O to
 //! different sets never waits on each other.
 //!
+//! # Asynchronous I/O
+//!
+//! A submission is checked and counted on the caller's thread: a bad range is
+//! an immediate error, and then the notify callback is never called. After
+//! that, the callback runs exactly once, one of two ways:
+//!
+//! - **Natively, from dm-io**: a read that hits a cached block, and in
+//!   write-back a whole-block write that hits a cached block and changes no
+//!   metadata that must be committed first, takes the block's lock without
+//!   waiting and goes straight to the SSD as one dm-io request, with the
+//!   caller's buffer. The callback runs on the dm-io
+//!   completion thread. No thread is woken in between and no byte is copied.
+//! - **On a worker** ([`ASYNC_WORKERS`] threads, started on first use):
+//!   everything else (misses and fills, write-through and write-around writes,
+//!   partial-block writes, FUA, I/O spanning several blocks, a block busy with
+//!   other I/O, a full dm-io reserve) runs the blocking code on a worker, which
+//!   then calls the callback.
+//!
+//! ## Callbacks must not block
+//!
+//! A callback may run on the dm-io completion thread, which completes every
+//! I/O of the cache: while a callback runs, no other I/O completes. Keep
+//! callbacks short: record the result, wake a waiter, or submit more I/O
+//! (submitting from a callback never waits). The cache's blocking calls
+//! (`read`, `write`, `flush`, `discard`, `clean_all`, `shutdown`) made on the
+//! completion thread return [`CacheError::BlockingInCallback`] rather than
+//! deadlock. Dropping the last handle of a cache in a callback is allowed: the
+//! shutdown then runs on a thread of its own.
+//!
 //! # Durability
 //!
 //! [`Cache::flush`] makes every write that completed before it durable, data
