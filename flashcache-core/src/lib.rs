@@ -96,9 +96,10 @@
 //! | `/proc/flashcache/<dev>/flashcache_stats` | [`stats()`](cache::Cache::stats), [`CacheStats`](policy::CacheStats) with the same names (`reads`, `writes`, `read_hits`, `write_hits`, `dirty_write_hits`, `replacement`, `write_replacement`, `write_invalidates`, `read_invalidates`, `pending_enqueues`, `metadata_dirties`, `metadata_cleans`, `metadata_batch`, `metadata_ssd_writes`, `cleanings`, `fallow_cleanings`, `no_room`, `front_merge`, `back_merge`, `disk_reads`, `disk_writes`, `ssd_reads`, `ssd_writes`, `uncached_reads`, `uncached_writes`, `uncached_sequential_reads`, `uncached_sequential_writes`, `clean_set_ios`, `force_clean_block`) and the error counters `disk_read_errors`, `disk_write_errors`, `ssd_read_errors`, `ssd_write_errors`, plus `read_fills`, `flushes`, `discards`, `discarded_blocks`, `clean_errors` |
 //! | `dmsetup table` cached / dirty counts | [`cached_blocks`](cache::Cache::cached_blocks), [`dirty_blocks`](cache::Cache::dirty_blocks) |
 //!
-//! Not maintained yet (always 0): `pending_inval`, `front_merge` (runs are
-//! merged forward from their first block and counted in `back_merge`),
-//! `lru_promotions`, `lru_demotions`.
+//! `lru_promotions` and `lru_demotions` count the segmented LRU's moves
+//! between its warm and hot lists (0 under the other policies). Not
+//! maintained yet (always 0): `pending_inval`, `front_merge` (runs are merged
+//! forward from their first block and counted in `back_merge`).
 //!
 //! # Where this differs from flashcache
 //!

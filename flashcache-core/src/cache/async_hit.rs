@@ -75,7 +75,7 @@ impl InFlight {
                 return Err(Box::new((self, buf, notify)));
             }
             let s = &mut *st;
-            s.set.touch(&*s.policy, way);
+            inner.counters.add_moves(s.set.touch(&*s.policy, way));
             (way, s.set.state(way).contains(BlockState::DIRTY))
         };
         let sector = inner.ssd_sector(set, way) + p.offset as u64 / SECTOR_SIZE;
@@ -184,7 +184,7 @@ impl InFlight {
                 return Err(Box::new((self, data, notify)));
             }
             let s = &mut *st;
-            s.set.touch(&*s.policy, way);
+            inner.counters.add_moves(s.set.touch(&*s.policy, way));
             (way, was_dirty)
         };
         let sector = inner.ssd_sector(set, way);

@@ -204,7 +204,7 @@ impl Inner {
             if let Some(way) = st.lookup_locked(p.block) {
                 Counters::bump(&self.counters.read_hits);
                 let state = &mut *st;
-                state.set.touch(&*state.policy, way);
+                self.counters.add_moves(state.set.touch(&*state.policy, way));
                 let dirty = st.set.state(way).contains(BlockState::DIRTY);
                 drop(st);
                 match self.io.read(
@@ -395,7 +395,7 @@ impl Inner {
         if let Some(way) = hit {
             Counters::bump(&self.counters.write_hits);
             let s = &mut *st;
-            s.set.touch(&*s.policy, way);
+            self.counters.add_moves(s.set.touch(&*s.policy, way));
         }
         if self.mode == CacheMode::WriteAround {
             if let Some(way) = hit {

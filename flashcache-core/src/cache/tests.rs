@@ -217,3 +217,42 @@ fn abandon_leaves_what_a_crash_leaves_and_a_switched_policy_persists() {
     let (cache, _) = Cache::load(ssd, disk).unwrap();
     assert_eq!(cache.tunables().reclaim_policy, 0);
 }
+
+#[test]
+fn segmented_lru_promotions_and_demotions_are_counted_on_every_hit_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ssd, disk) = file_devices(&dir, 8192 + 64 * 4096, 4 << 20);
+    let options = CreateOptions {
+        assoc: 64,
+        disk_assoc_blocks: 0,
+        // Promote on the second hit; the hot list holds at most 2 of 64 ways.
+        policy: crate::policy::PolicyKind::Slru { promote_thresh: 2, hot_pct: 4 },
+        ..CreateOptions::default()
+    };
+    let cache = Cache::create(ssd, disk, &options).unwrap();
+    for block in 0..3u64 {
+        cache.write(block * 8, &[block as u8; 4096]).unwrap();
+    }
+    let mut buf = vec![0u8; 4096];
+    // Blocking hits: blocks 0 and 1 reach the hot list.
+    for block in 0..2u64 {
+        for _ in 0..2 {
+            cache.read(block * 8, &mut buf).unwrap();
+        }
+    }
+    let stats = cache.stats();
+    assert_eq!((stats.lru_promotions, stats.lru_demotions), (2, 0));
+    // Asynchronous hits, served from dm-io: block 2 is promoted and pushes the
+    // oldest hot block back to warm.
+    for _ in 0..2 {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let buf = dmio::AlignedBuf::new(4096);
+        cache
+            .submit_read(16, buf, super::IoFlags::empty(), move |r, _| tx.send(r).unwrap())
+            .unwrap();
+        rx.recv().unwrap().unwrap();
+    }
+    let stats = cache.stats();
+    assert_eq!((stats.lru_promotions, stats.lru_demotions), (3, 1));
+    cache.shutdown().unwrap();
+}

@@ -18,7 +18,7 @@ pub use cleaning::{
     CleanLimits, CleanRun, fallow_tick, plan_cleaning, plan_fallow_cleaning, plan_full_cleaning,
 };
 pub use geometry::{Geometry, GeometryError, MAX_ASSOC, SetMapping};
-pub use replacement::{PolicyKind, Replacement, SetLinks};
+pub use replacement::{ListMoves, PolicyKind, Replacement, SetLinks};
 pub use sequential::{SequentialDetector, TRACKED_STREAMS};
 pub use set::{Allocation, BlockState, CacheSet, MAX_BLOCK, NIL, Way};
 pub use stats::{CacheStats, Counters};

@@ -4,7 +4,7 @@
 use std::fmt;
 
 use super::geometry::mix64;
-use super::replacement::{Lists, Replacement, SetLinks};
+use super::replacement::{ListMoves, Lists, Replacement, SetLinks};
 
 /// A way (block slot) within a set.
 pub type Way = u16;
@@ -268,14 +268,17 @@ impl CacheSet {
     }
 
     /// Records a hit on `way`: tells the policy and clears the fallow bits.
-    pub fn touch(&mut self, policy: &dyn Replacement, way: Way) {
-        let Some(slot) = self.slots.get_mut(usize::from(way)) else { return };
+    /// Returns what the policy moved between its lists.
+    pub fn touch(&mut self, policy: &dyn Replacement, way: Way) -> ListMoves {
+        let Some(slot) = self.slots.get_mut(usize::from(way)) else {
+            return ListMoves::default();
+        };
         if !slot.state().contains(BlockState::VALID) {
-            return;
+            return ListMoves::default();
         }
         let state = slot.state() - (BlockState::FALLOW_1 | BlockState::FALLOW_2);
         slot.set_state(state);
-        policy.accessed(&mut self.links(), way);
+        policy.accessed(&mut self.links(), way)
     }
 
     /// Finds a way for disk block `block`: an invalid way first, else the

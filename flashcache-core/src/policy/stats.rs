@@ -2,6 +2,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::replacement::ListMoves;
+
 macro_rules! counters {
     ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
         /// Live counters, updated from many threads (relaxed atomics).
@@ -142,6 +144,17 @@ impl Counters {
     /// Adds one to a counter.
     pub fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts what a hit moved between the policy's lists (`lru_promotions`,
+    /// `lru_demotions`).
+    pub fn add_moves(&self, moves: ListMoves) {
+        if moves.promoted > 0 {
+            self.lru_promotions.fetch_add(u64::from(moves.promoted), Ordering::Relaxed);
+        }
+        if moves.demoted > 0 {
+            self.lru_demotions.fetch_add(u64::from(moves.demoted), Ordering::Relaxed);
+        }
     }
 }
 

@@ -226,7 +226,9 @@ proptest! {
             }
             match *op {
                 Op::Access(block) => match set.lookup(block) {
-                    Some(way) => set.touch(&*policy, way),
+                    Some(way) => {
+                        set.touch(&*policy, way);
+                    }
                     None => {
                         let all_stuck = cached.len() == ways
                             && cached.values().all(|&(dirty, busy)| dirty || busy);
@@ -286,4 +288,29 @@ fn allocating_a_cached_block_or_one_beyond_48_bits_changes_nothing() {
     assert_eq!(set.nr_valid(), 1);
     let top = set.allocate(&*lru, MAX_BLOCK).way().unwrap();
     assert_eq!(set.block(top), Some(MAX_BLOCK));
+}
+
+#[test]
+fn segmented_lru_hits_report_promotions_and_demotions_other_policies_none() {
+    // Four ways, hot list capped at half of them, promotion on the second hit.
+    let slru = PolicyKind::Slru { promote_thresh: 2, hot_pct: 50 }.build();
+    let mut set = CacheSet::new(4);
+    let ways: Vec<Way> = (0..4).map(|b| set.allocate(&*slru, b).way().unwrap()).collect();
+    let none = ListMoves::default();
+    assert_eq!(set.touch(&*slru, ways[0]), none, "first hit: still warm");
+    assert_eq!(set.touch(&*slru, ways[0]), ListMoves { promoted: 1, demoted: 0 });
+    assert_eq!(set.touch(&*slru, ways[0]), none, "a hot hit moves nothing between lists");
+    set.touch(&*slru, ways[1]);
+    assert_eq!(set.touch(&*slru, ways[1]), ListMoves { promoted: 1, demoted: 0 });
+    // A third hot block exceeds the cap: the oldest hot block goes back to warm.
+    set.touch(&*slru, ways[2]);
+    assert_eq!(set.touch(&*slru, ways[2]), ListMoves { promoted: 1, demoted: 1 });
+    for kind in [PolicyKind::Fifo, PolicyKind::Lru, PolicyKind::Sieve] {
+        let policy = kind.build();
+        let mut set = CacheSet::new(4);
+        let way = set.allocate(&*policy, 9).way().unwrap();
+        for _ in 0..3 {
+            assert_eq!(set.touch(&*policy, way), none, "{kind:?}");
+        }
+    }
 }

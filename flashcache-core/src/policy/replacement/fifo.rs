@@ -1,6 +1,6 @@
 //! FIFO: flashcache's default policy.
 
-use super::{PolicyKind, Replacement, SetLinks};
+use super::{ListMoves, PolicyKind, Replacement, SetLinks};
 use crate::policy::set::Way;
 
 /// First in, first out, as flashcache does it: a per-set cursor goes round the
@@ -17,7 +17,9 @@ impl Replacement for Fifo {
 
     fn inserted(&self, _set: &mut SetLinks<'_>, _way: Way) {}
 
-    fn accessed(&self, _set: &mut SetLinks<'_>, _way: Way) {}
+    fn accessed(&self, _set: &mut SetLinks<'_>, _way: Way) -> ListMoves {
+        ListMoves::default()
+    }
 
     fn removed(&self, _set: &mut SetLinks<'_>, _way: Way) {}
 

@@ -1,6 +1,6 @@
 //! Plain LRU.
 
-use super::{PolicyKind, Replacement, SetLinks};
+use super::{ListMoves, PolicyKind, Replacement, SetLinks};
 use crate::policy::set::Way;
 
 /// Least recently used: one list, a hit moves the block to the head, the victim
@@ -17,8 +17,9 @@ impl Replacement for Lru {
         set.push_head(0, way);
     }
 
-    fn accessed(&self, set: &mut SetLinks<'_>, way: Way) {
+    fn accessed(&self, set: &mut SetLinks<'_>, way: Way) -> ListMoves {
         set.move_to_head(0, way);
+        ListMoves::default()
     }
 
     fn removed(&self, set: &mut SetLinks<'_>, way: Way) {

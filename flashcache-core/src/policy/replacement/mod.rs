@@ -194,6 +194,16 @@ fn some(way: Way) -> Option<Way> {
     (way != NIL).then_some(way)
 }
 
+/// What a hit moved between a policy's lists: only the segmented LRU moves
+/// blocks between lists (flashcache's `lru_promotions` / `lru_demotions`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListMoves {
+    /// Blocks promoted to the hot list.
+    pub promoted: u32,
+    /// Blocks demoted from the hot list to the warm list to make room.
+    pub demoted: u32,
+}
+
 /// A replacement policy. The set calls it when a block is inserted, hit or
 /// removed, and when it needs a victim; the policy keeps its state in the
 /// set's lists and per-block bits, so one policy object serves every set.
@@ -202,8 +212,8 @@ pub trait Replacement: Send + Sync + fmt::Debug {
     fn kind(&self) -> PolicyKind;
     /// A new block was placed in `way`.
     fn inserted(&self, set: &mut SetLinks<'_>, way: Way);
-    /// `way` was hit.
-    fn accessed(&self, set: &mut SetLinks<'_>, way: Way);
+    /// `way` was hit; returns what moved between lists.
+    fn accessed(&self, set: &mut SetLinks<'_>, way: Way) -> ListMoves;
     /// `way` is leaving the cache (evicted or invalidated).
     fn removed(&self, set: &mut SetLinks<'_>, way: Way);
     /// The way to evict, among [`evictable`](SetLinks::evictable) ones; `None`

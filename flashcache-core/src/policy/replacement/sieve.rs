@@ -1,6 +1,6 @@
 //! SIEVE (Zhang et al., NSDI'24).
 
-use super::{PolicyKind, Replacement, SetLinks};
+use super::{ListMoves, PolicyKind, Replacement, SetLinks};
 use crate::policy::set::Way;
 
 const VISITED: u8 = 1;
@@ -24,8 +24,9 @@ impl Replacement for Sieve {
         set.push_head(0, way);
     }
 
-    fn accessed(&self, set: &mut SetLinks<'_>, way: Way) {
+    fn accessed(&self, set: &mut SetLinks<'_>, way: Way) -> ListMoves {
         set.set_meta(way, VISITED);
+        ListMoves::default()
     }
 
     fn removed(&self, set: &mut SetLinks<'_>, way: Way) {

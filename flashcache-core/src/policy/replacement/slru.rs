@@ -1,6 +1,6 @@
 //! flashcache's "LRU": a two-list segmented LRU.
 
-use super::{PolicyKind, Replacement, SetLinks};
+use super::{ListMoves, PolicyKind, Replacement, SetLinks};
 use crate::policy::set::Way;
 
 const WARM: usize = 0;
@@ -42,27 +42,30 @@ impl Replacement for Slru {
         set.push_head(WARM, way);
     }
 
-    fn accessed(&self, set: &mut SetLinks<'_>, way: Way) {
+    fn accessed(&self, set: &mut SetLinks<'_>, way: Way) -> ListMoves {
         let meta = set.meta(way);
         if meta & IN_HOT != 0 {
             set.move_to_head(HOT, way);
-            return;
+            return ListMoves::default();
         }
         let hits = (meta & !IN_HOT).saturating_add(1);
         if hits < self.promote_thresh || self.hot_max(set) == 0 {
             set.set_meta(way, hits.min(!IN_HOT));
             set.move_to_head(WARM, way);
-            return;
+            return ListMoves::default();
         }
         set.unlink(WARM, way);
         set.set_meta(way, IN_HOT);
         set.push_head(HOT, way);
+        let mut moves = ListMoves { promoted: 1, demoted: 0 };
         while set.len(HOT) > self.hot_max(set) {
             let Some(oldest) = set.tail(HOT) else { break };
             set.unlink(HOT, oldest);
             set.set_meta(oldest, 0);
             set.push_head(WARM, oldest);
+            moves.demoted += 1;
         }
+        moves
     }
 
     fn removed(&self, set: &mut SetLinks<'_>, way: Way) {
