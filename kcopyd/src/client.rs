@@ -282,7 +282,11 @@ impl KcopydClient {
         rx.recv().map_err(|_| KcopydError::ClientClosed)
     }
 
-    /// Jobs and prepared callbacks whose callback has not run yet.
+    /// Jobs and prepared callbacks whose callback has not returned yet. A job
+    /// counts until its callback returns, so right after [`copy_sync`](Self::copy_sync)
+    /// or [`zero_sync`](Self::zero_sync) (whose internal callback hands the
+    /// outcome over, then returns) it may still count for a moment;
+    /// [`flush`](Self::flush) waits until it does not.
     pub fn jobs_in_flight(&self) -> usize {
         self.shared.jobs_in_flight()
     }
