@@ -79,22 +79,46 @@ impl InFlight {
             (way, s.set.state(way).contains(BlockState::DIRTY))
         };
         let sector = inner.ssd_sector(set, way) + p.offset as u64 / SECTOR_SIZE;
+        let done = move |request: InFlight, notify, done| {
+            request.read_hit_done(p, cacheable, way, dirty, sector, done, notify);
+        };
+        self.submit_hit(p, Access::Shared, sector, buf, notify, done)
+    }
+
+    /// Submits the SSD I/O of a hit whose block this request has locked for
+    /// `access` (shared: a read into `buf`; exclusive: a write of it), with
+    /// `done` run from its dm-io callback. Counts the hit once submitted (a
+    /// declined hit is counted by the blocking path that serves it). A request
+    /// dm-io refuses lets go of the lock and comes back whole.
+    fn submit_hit(
+        self,
+        p: Piece,
+        access: Access,
+        sector: u64,
+        buf: AlignedBuf,
+        notify: IoNotify,
+        done: impl FnOnce(InFlight, IoNotify, DmIoCompletion) + Send + 'static,
+    ) -> Result<(), Declined> {
+        let inner = self.inner.clone();
         let handoff: Handoff = Arc::new(Mutex::new(Some((self, notify))));
         let theirs = handoff.clone();
-        let req = DmIoRequest::read(buf).on_complete(move |done: DmIoCompletion| {
+        let on_complete = move |completion: DmIoCompletion| {
             if let Some((request, notify)) = take(&theirs) {
-                request.read_hit_done(p, cacheable, way, dirty, sector, done, notify);
+                done(request, notify, completion);
             }
-        });
-        match inner.io.submit_ssd(sector, req, &inner.counters) {
+        };
+        let (req, hits) = match access {
+            Access::Shared => (DmIoRequest::read(buf), &inner.counters.read_hits),
+            Access::Exclusive => (DmIoRequest::write(buf), &inner.counters.write_hits),
+        };
+        match inner.io.submit_ssd(sector, req.on_complete(on_complete), &inner.counters) {
             Ok(()) => {
-                // Counted once submitted: a declined hit is counted by the
-                // blocking path that serves it.
-                Counters::bump(&inner.counters.read_hits);
+                Counters::bump(hits);
                 Ok(())
             }
             Err(refused) => {
-                shard.release(p.block, Access::Shared);
+                let (_, shard) = inner.shard_of(p.block);
+                shard.release(p.block, access);
                 let buf = buffer_of(refused.request.memory, p.len);
                 match take(&handoff) {
                     Some((request, notify)) => Err(Box::new((request, buf, notify))),
@@ -188,27 +212,10 @@ impl InFlight {
             (way, was_dirty)
         };
         let sector = inner.ssd_sector(set, way);
-        let handoff: Handoff = Arc::new(Mutex::new(Some((self, notify))));
-        let theirs = handoff.clone();
-        let req = DmIoRequest::write(data).on_complete(move |done: DmIoCompletion| {
-            if let Some((request, notify)) = take(&theirs) {
-                request.write_hit_done(p, set, way, was_dirty, sector, done, notify);
-            }
-        });
-        match inner.io.submit_ssd(sector, req, &inner.counters) {
-            Ok(()) => {
-                Counters::bump(&inner.counters.write_hits);
-                Ok(())
-            }
-            Err(refused) => {
-                shard.release(p.block, Access::Exclusive);
-                let data = buffer_of(refused.request.memory, p.len);
-                match take(&handoff) {
-                    Some((request, notify)) => Err(Box::new((request, data, notify))),
-                    None => Ok(()),
-                }
-            }
-        }
+        let done = move |request: InFlight, notify, done| {
+            request.write_hit_done(p, set, way, was_dirty, sector, done, notify);
+        };
+        self.submit_hit(p, Access::Exclusive, sector, data, notify, done)
     }
 
     /// The dm-io callback of a native write hit: marks the block dirty (its
