@@ -13,6 +13,8 @@
 #[cfg(doctest)]
 pub struct ReadmeExamples;
 
+pub mod cache_blocks;
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -24,7 +24,6 @@
 //! names the request instead of being swallowed by the thread that ran it.
 
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, Weak};
@@ -32,18 +31,16 @@ use std::time::{Duration, Instant};
 
 use dmio::ReqFlags;
 use dmio::fault::{FaultAction, FaultRule, OpSet, Trigger};
-use flashcache_core::cache::{Cache, CacheError, Device, IoFlags};
+use flashcache_core::cache::{ASYNC_WORKERS, Cache, CacheError, Device, IoFlags};
 use flashcache_core::dmio::{AlignedBuf, in_notify_callback};
 use flashcache_core::format::{CacheMode, CommitMode, SbState};
 use flashcache_core::setup::{self, CreateOptions};
+use tests::cache_blocks::{BLOCK, BS, data, data_sectors, disk_block, read_block, write_block};
 use tests::{Backing, Rng, TestDevice, assert_data, backings, pattern, write_at};
 
 const MIB: u64 = 1 << 20;
 const SSD_BYTES: u64 = MIB + 64 * 1024;
 const DISK_BYTES: u64 = 4 * MIB;
-/// The cache block of the small scenarios, and its sectors.
-const BLOCK: usize = 4096;
-const BS: u64 = 8;
 /// The longest a test waits for any one callback before calling it stuck.
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -77,37 +74,6 @@ fn rig(mode: CacheMode, write_only: bool, commit: CommitMode) -> (TestDevice, Te
         Cache::create(ssd.dev.clone(), disk.dev.clone(), &options(mode, write_only, commit))
             .unwrap();
     (ssd, disk, cache)
-}
-
-/// Disk block `block` as written with `seed` (0: the disk's initial content).
-fn data(block: u64, seed: u64) -> Vec<u8> {
-    pattern(block * BS, BS, seed)
-}
-
-fn read_block(cache: &Cache, block: u64) -> Vec<u8> {
-    let mut buf = vec![0u8; BLOCK];
-    cache.read(block * BS, &mut buf).unwrap_or_else(|e| panic!("reading block {block}: {e}"));
-    buf
-}
-
-fn write_block(cache: &Cache, block: u64, seed: u64) {
-    cache
-        .write(block * BS, &data(block, seed))
-        .unwrap_or_else(|e| panic!("writing block {block}: {e}"));
-}
-
-/// Block `block` as the disk itself holds it (read from its image file).
-fn disk_block(disk: &TestDevice, block: u64) -> Vec<u8> {
-    let file = std::fs::File::open(disk.image()).unwrap();
-    let mut buf = vec![0u8; BLOCK];
-    file.read_exact_at(&mut buf, block * BLOCK as u64).unwrap();
-    buf
-}
-
-/// The SSD sectors of the cache's data blocks.
-fn data_sectors(cache: &Cache) -> Range<u64> {
-    let layout = cache.superblock().layout().unwrap();
-    layout.data_start() / 512..layout.total_bytes() / 512
 }
 
 /// What a callback saw: the result, the buffer handed back, and whether it ran
@@ -1358,6 +1324,32 @@ fn a_panicking_native_callback_leaves_the_cache_working() {
     let s = write_async(&cache, BS, &data(1, 2), IoFlags::empty());
     assert_ran(&s, true, "a write hit after the panic");
     assert_data!(read_block(&cache, 1), data(1, 2));
+    cache.shutdown().unwrap();
+}
+
+/// Callbacks of misses run on the cache's worker pool: more panicking ones
+/// than there are workers must not take the pool down with them.
+#[test]
+fn panicking_worker_callbacks_leave_the_pool_working() {
+    let (_ssd, _disk, cache) = rig(CacheMode::WriteBack, false, CommitMode::OnFlush);
+    cache.stop_cleaning();
+    let panics = 2 * ASYNC_WORKERS as u64;
+    let (tx, rx) = mpsc::channel();
+    for block in 0..panics {
+        let tx = tx.clone();
+        cache
+            .submit_read(block * BS, AlignedBuf::new(BLOCK), IoFlags::empty(), move |_, _| {
+                let _ = tx.send(in_notify_callback());
+                panic!("a worker callback panicking on purpose");
+            })
+            .unwrap();
+    }
+    for _ in 0..panics {
+        assert!(!wait_for(&rx, "a panicking miss callback"), "a miss completed natively");
+    }
+    // Every worker has had a panicking callback; misses still complete.
+    let s = read_async(&cache, panics * BS, BLOCK, IoFlags::empty());
+    assert_ran(&s, false, "a read miss after the panics");
     cache.shutdown().unwrap();
 }
 

@@ -18,7 +18,6 @@
 //! A "crash" here is a cache dropped while every SSD write and flush fails, so
 //! that nothing more reaches the SSD (its superblock stays Loaded).
 
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -27,14 +26,12 @@ use dmio::fault::{FaultRule, OpSet};
 use flashcache_core::cache::{Cache, IoFlags, LoadReport};
 use flashcache_core::format::{CacheMode, CommitMode};
 use flashcache_core::setup::CreateOptions;
+use tests::cache_blocks::{BLOCK, BS, data, disk_block, read_block, write_block};
 use tests::{Backing, Rng, TestDevice, assert_data, pattern, write_at};
 
 const MIB: u64 = 1 << 20;
 const SSD_BYTES: u64 = MIB + 64 * 1024;
 const DISK_BYTES: u64 = 4 * MIB;
-const BLOCK: usize = 4096;
-/// Sectors per cache block.
-const BS: u64 = 8;
 const DISK_BLOCKS: u64 = DISK_BYTES / BLOCK as u64;
 const ALL_MODES: [CacheMode; 3] =
     [CacheMode::WriteBack, CacheMode::WriteThrough, CacheMode::WriteAround];
@@ -63,29 +60,6 @@ fn rig(mode: CacheMode) -> (TestDevice, TestDevice, Cache) {
     }
     let cache = Cache::create(ssd.dev.clone(), disk.dev.clone(), &options(mode)).unwrap();
     (ssd, disk, cache)
-}
-
-/// Disk block `block` as written by the write of `seed` (0: the disk's initial content).
-fn data(block: u64, seed: u64) -> Vec<u8> {
-    pattern(block * BS, BS, seed)
-}
-
-fn read_block(cache: &Cache, block: u64) -> Vec<u8> {
-    let mut buf = vec![0u8; BLOCK];
-    cache.read(block * BS, &mut buf).unwrap_or_else(|e| panic!("reading block {block}: {e}"));
-    buf
-}
-
-fn write_block(cache: &Cache, block: u64, seed: u64) {
-    cache.write(block * BS, &data(block, seed)).unwrap_or_else(|e| panic!("writing {block}: {e}"));
-}
-
-/// Block `block` as the disk itself holds it (read from its image file).
-fn disk_block(disk: &TestDevice, block: u64) -> Vec<u8> {
-    let file = std::fs::File::open(disk.image()).unwrap();
-    let mut buf = vec![0u8; BLOCK];
-    file.read_exact_at(&mut buf, block * BLOCK as u64).unwrap();
-    buf
 }
 
 /// The disk blocks that map to `set`, in order.

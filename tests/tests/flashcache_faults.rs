@@ -20,21 +20,18 @@
 //! that nothing more reaches the SSD (its superblock stays Loaded).
 
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 
 use dmio::ReqFlags;
 use dmio::fault::{FaultRule, OpSet, Trigger};
 use flashcache_core::cache::{Cache, CacheError, Device, IoFlags};
 use flashcache_core::format::{CacheMode, CommitMode, SbState};
 use flashcache_core::setup::{self, CreateOptions, SetupError};
+use tests::cache_blocks::{BLOCK, BS, data, data_sectors, disk_block, read_block, read_block_with};
 use tests::{Backing, TestDevice, assert_data, pattern, write_at};
 
 const MIB: u64 = 1 << 20;
 const SSD_BYTES: u64 = MIB + 64 * 1024;
 const DISK_BYTES: u64 = 4 * MIB;
-const BLOCK: usize = 4096;
-/// Sectors per cache block.
-const BS: u64 = 8;
 
 fn options(mode: CacheMode, commit: CommitMode) -> CreateOptions {
     CreateOptions { mode, commit, assoc: 64, disk_assoc_blocks: 8, ..CreateOptions::default() }
@@ -56,39 +53,8 @@ fn rig(mode: CacheMode, commit: CommitMode) -> (TestDevice, TestDevice, Cache) {
     (ssd, disk, cache)
 }
 
-/// Disk block `block` as written by the write of `seed` (0: the disk's initial content).
-fn data(block: u64, seed: u64) -> Vec<u8> {
-    pattern(block * BS, BS, seed)
-}
-
-fn read_block(cache: &Cache, block: u64) -> Vec<u8> {
-    read_block_with(cache, block, IoFlags::empty())
-}
-
-fn read_block_with(cache: &Cache, block: u64, flags: IoFlags) -> Vec<u8> {
-    let mut buf = vec![0u8; BLOCK];
-    cache
-        .read_with(block * BS, &mut buf, flags)
-        .unwrap_or_else(|e| panic!("reading block {block}: {e}"));
-    buf
-}
-
 fn write_block(cache: &Cache, block: u64, seed: u64) -> Result<(), CacheError> {
     cache.write(block * BS, &data(block, seed))
-}
-
-/// Block `block` as the disk itself holds it (read from its image file).
-fn disk_block(disk: &TestDevice, block: u64) -> Vec<u8> {
-    let file = std::fs::File::open(disk.image()).unwrap();
-    let mut buf = vec![0u8; BLOCK];
-    file.read_exact_at(&mut buf, block * BLOCK as u64).unwrap();
-    buf
-}
-
-/// The SSD sectors of the cache's data blocks.
-fn data_sectors(cache: &Cache) -> Range<u64> {
-    let layout = cache.superblock().layout().unwrap();
-    layout.data_start() / 512..layout.total_bytes() / 512
 }
 
 /// The SSD sectors of the cache's metadata slots.
