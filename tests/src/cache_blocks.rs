@@ -1,5 +1,5 @@
 //! Block-sized helpers shared by the flashcache test suites: their caches use
-//! 4 KiB blocks, data written as a [`pattern`](crate::pattern) per block and
+//! 4 KiB blocks, data written as a [`pattern`] per block and
 //! seed, and checks against the disk's image file.
 
 use std::ops::Range;
