@@ -342,7 +342,8 @@ impl DmIoClient {
         self.engine_note.as_deref()
     }
 
-    /// The client's page pool (its reserve is registered with the ring).
+    /// The client's page pool (its reserve is registered with the ring: pages
+    /// and [`PagePool::buffer`] buffers from it use the fixed-buffer opcodes).
     pub fn page_pool(&self) -> &PagePool {
         &self.pool
     }

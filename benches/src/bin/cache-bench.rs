@@ -17,7 +17,10 @@
 //!   submits N requests ("slots"); each completion callback records its
 //!   latency and submits the slot's next request with the same buffer, so no
 //!   thread of the benchmark waits for an I/O. This is the engine to compare
-//!   against fio's io_uring numbers; `sync` compares with fio's psync.
+//!   against fio's io_uring numbers; `sync` compares with fio's psync. Its
+//!   buffers come from [`Cache::io_buffer`] (`--mem pool`, the default: the
+//!   cache's registered dm-io pool, so hits use io_uring's fixed-buffer
+//!   opcodes, as fio does with `--fixedbufs`) or the heap (`--mem heap`).
 //!
 //! - `--warm` first reads (`--rw randread`) or writes (`--rw randwrite`) the
 //!   whole working set once, with `--warm-threads` threads, then flushes, so
@@ -139,6 +142,25 @@ impl Engine {
     }
 }
 
+/// Where the async engine's request buffers come from (`--mem`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mem {
+    /// `Cache::io_buffer`: pages of the cache's dm-io pool, registered with
+    /// its ring (io_uring's fixed-buffer opcodes on hits).
+    Pool,
+    /// Plain heap `AlignedBuf`s (the kernel pins them on every I/O).
+    Heap,
+}
+
+impl Mem {
+    fn name(self) -> &'static str {
+        match self {
+            Mem::Pool => "pool",
+            Mem::Heap => "heap",
+        }
+    }
+}
+
 /// When metadata reaches the SSD (`--commit`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Commit {
@@ -225,6 +247,10 @@ struct Args {
     /// (sync), or asynchronous requests resubmitted from their callbacks (async).
     #[arg(long, value_enum, default_value_t = Engine::Sync)]
     engine: Engine,
+    /// Where the async engine's buffers come from: the cache's registered dm-io
+    /// page pool (`Cache::io_buffer`: fixed-buffer I/O on hits), or the heap.
+    #[arg(long, value_enum, default_value_t = Mem::Pool)]
+    mem: Mem,
     /// Requests in flight: threads, each with one blocking call (--engine
     /// sync), or asynchronous requests in flight at once (--engine async).
     #[arg(long, default_value_t = 32)]
@@ -536,13 +562,19 @@ fn start_slots(
     shared: &Arc<Shared>,
     iodepth: usize,
     bs: usize,
+    mem: Mem,
     rng: &mut SplitMix64,
 ) -> Result<Load, String> {
     let mut slots = Vec::with_capacity(iodepth);
     for _ in 0..iodepth {
         let seed = rng.next_u64();
         let slot = AsyncSlot::new(shared.clone(), seed, new_histogram()?);
-        slots.push((slot, filled_buf(bs, (seed as u8) ^ 0x5a)));
+        let mut buf = match mem {
+            Mem::Pool => shared.cache.io_buffer(bs),
+            Mem::Heap => AlignedBuf::new(bs),
+        };
+        buf.fill((seed as u8) ^ 0x5a);
+        slots.push((slot, buf));
     }
     for (slot, buf) in slots {
         shared.slots_running.fetch_add(1, Ordering::AcqRel);
@@ -942,7 +974,7 @@ fn run(args: &Args) -> Result<Report, String> {
     let mut t0 = Instant::now();
     let load = match args.engine {
         Engine::Sync => start_threads(&shared, args.iodepth, bs as usize, &mut rng)?,
-        Engine::Async => start_slots(&shared, args.iodepth, bs as usize, &mut rng)?,
+        Engine::Async => start_slots(&shared, args.iodepth, bs as usize, args.mem, &mut rng)?,
     };
     let mut ok = shared.errors.load(Ordering::Relaxed) == 0;
     if ok && args.ramp > 0.0 {
@@ -985,6 +1017,7 @@ fn run(args: &Args) -> Result<Report, String> {
         "rw": args.rw.name(),
         "bs": bs,
         "engine": args.engine.name(),
+        "mem": args.mem.name(),
         "iodepth": args.iodepth,
         "runtime": args.runtime,
         "ramp": args.ramp,

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 
-use super::PageList;
-use super::raw::{Arena, Page};
+use super::raw::{AlignedBuf, Arena, Page};
+use super::{PAGE_SIZE, PageList};
 
 /// Shared state of a pool: the arena of reserved pages and its free list.
 pub(crate) struct PoolShared {
@@ -145,6 +145,38 @@ impl PagePool {
             }
         }
         None
+    }
+
+    /// A zero-filled buffer of `len` bytes for I/O: a free page of the reserve
+    /// when `len` fits in one page and one is free now, otherwise a heap
+    /// [`AlignedBuf`]. Never waits.
+    ///
+    /// A client's pool ([`DmIoClient::page_pool`](crate::DmIoClient::page_pool))
+    /// is registered with its ring, so transfers to or from a buffer in the
+    /// reserve use io_uring's fixed-buffer opcodes, which skip pinning the
+    /// memory on every I/O. Worth it for buffers reused across many I/Os; the
+    /// page goes back to the pool when the buffer is dropped. Heap buffers
+    /// from here are not counted against the pool's extra pages.
+    ///
+    /// ```
+    /// use dmio::PagePool;
+    /// let pool = PagePool::new(1, 0).unwrap();
+    /// let a = pool.buffer(4096);
+    /// assert!(a.is_pool_page() && a.iter().all(|&b| b == 0));
+    /// let b = pool.buffer(512); // the reserve is lent out: a heap buffer
+    /// assert!(!b.is_pool_page() && b.len() == 512);
+    /// drop(a);
+    /// assert!(pool.buffer(8192).len() == 8192); // larger than a page: heap
+    /// assert!(pool.buffer(4096).is_pool_page()); // the page came back
+    /// ```
+    pub fn buffer(&self, len: usize) -> AlignedBuf {
+        if len <= PAGE_SIZE {
+            if let Some(mut buf) = AlignedBuf::from_arena(&self.shared) {
+                buf.set_len(len);
+                return buf;
+            }
+        }
+        AlignedBuf::new(len)
     }
 
     /// Takes `n` pages (waiting as [`alloc`](PagePool::alloc) does) as a page list

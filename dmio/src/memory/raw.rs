@@ -34,6 +34,16 @@ pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
     layout: Layout,
+    /// Set when the bytes are a page of a pool's arena (lent out by
+    /// [`PagePool::buffer`](crate::PagePool::buffer)) rather than a heap
+    /// allocation: the page goes back to the pool on drop.
+    loan: Option<ArenaLoan>,
+}
+
+/// A page of a pool's arena lent to an [`AlignedBuf`].
+struct ArenaLoan {
+    pool: Arc<PoolShared>,
+    index: u32,
 }
 
 // SAFETY: AlignedBuf owns its allocation exclusively (like a Box<[u8]>); moving it
@@ -88,7 +98,39 @@ impl AlignedBuf {
         // without overflow above.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let Some(ptr) = NonNull::new(raw) else { alloc::handle_alloc_error(layout) };
-        Some(AlignedBuf { ptr, len, layout })
+        Some(AlignedBuf { ptr, len, layout, loan: None })
+    }
+
+    /// A zero-filled one-page buffer in a free page of `pool`'s arena, if one
+    /// is free now. The page is the buffer's alone until it is dropped, which
+    /// gives the page back.
+    pub(crate) fn from_arena(pool: &Arc<PoolShared>) -> Option<AlignedBuf> {
+        let index = pool.take_index(None)?;
+        let Some(ptr) = pool.arena().page_ptr(index as usize) else {
+            pool.give_back(index);
+            return None;
+        };
+        // SAFETY (aliasing): `index` came off the pool's free list, which holds
+        // each index at most once, so no Page or other buffer refers to these
+        // bytes until this buffer gives the index back in `drop`. The Arc to the
+        // pool in the loan keeps the arena mapped meanwhile.
+        let layout = Layout::from_size_align(PAGE_SIZE, PAGE_SIZE).ok()?;
+        let mut buf = AlignedBuf {
+            ptr,
+            len: PAGE_SIZE,
+            layout,
+            loan: Some(ArenaLoan { pool: pool.clone(), index }),
+        };
+        // A page comes back holding its last owner's bytes; a new AlignedBuf is
+        // zero-filled.
+        buf.fill(0);
+        Some(buf)
+    }
+
+    /// Whether the bytes are a page of a pool's arena (see
+    /// [`PagePool::buffer`](crate::PagePool::buffer)).
+    pub fn is_pool_page(&self) -> bool {
+        self.loan.is_some()
     }
 
     /// The address of the first byte (without borrowing the bytes).
@@ -154,9 +196,12 @@ impl DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: ptr was allocated in `with_alignment` with exactly this layout and
-        // is freed only here, once.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+        match self.loan.take() {
+            Some(loan) => loan.pool.give_back(loan.index),
+            // SAFETY: without a loan, ptr was allocated in `try_with_alignment`
+            // with exactly this layout and is freed only here, once.
+            None => unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) },
+        }
     }
 }
 
@@ -166,6 +211,7 @@ impl fmt::Debug for AlignedBuf {
             .field("addr", &self.ptr)
             .field("len", &self.len)
             .field("align", &self.layout.align())
+            .field("pool_page", &self.loan.is_some())
             .finish()
     }
 }

@@ -253,6 +253,37 @@ pub(super) fn refuse(job: Job) {
 }
 
 impl Cache {
+    /// A zero-filled buffer of `len` bytes for this cache's asynchronous I/O.
+    /// Up to one page (4 KiB), it is a page of the cache's dm-io page pool
+    /// while one is free (256 pages; none is used by the cache itself); larger
+    /// buffers, and all once the pool is lent out, come from the heap.
+    ///
+    /// The pool is registered with dm-io's ring, so a hit read into or written
+    /// from such a buffer uses io_uring's fixed-buffer opcodes, which skip
+    /// pinning the caller's memory on every I/O. Worth it for buffers reused
+    /// across many requests; the page goes back to the pool on drop.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let (s, d) = (dir.path().join("ssd"), dir.path().join("disk"));
+    /// # std::fs::File::create(&s).unwrap().set_len(4 << 20).unwrap();
+    /// # std::fs::File::create(&d).unwrap().set_len(16 << 20).unwrap();
+    /// # let ssd = flashcache_core::dmio::BlockDevice::open(&s).unwrap();
+    /// # let disk = flashcache_core::dmio::BlockDevice::open(&d).unwrap();
+    /// use flashcache_core::cache::{Cache, IoFlags};
+    /// use flashcache_core::setup::CreateOptions;
+    /// let options = CreateOptions { assoc: 64, ..CreateOptions::default() };
+    /// let cache = Cache::create(ssd, disk, &options).unwrap();
+    /// let buf = cache.io_buffer(4096);
+    /// assert!(buf.is_pool_page());
+    /// let (done, buf) = pollster::block_on(cache.read_future(0, buf, IoFlags::empty()).unwrap());
+    /// done.unwrap();
+    /// assert_eq!(buf.len(), 4096);
+    /// ```
+    pub fn io_buffer(&self, len: usize) -> AlignedBuf {
+        self.inner.io.dmio.page_pool().buffer(len)
+    }
+
     /// Reads `buf.len()` bytes at `sector` into `buf` in the background and
     /// calls `notify` with the result and the buffer. The range is checked
     /// now: a bad one is an error here, and `notify` is never called.
