@@ -21,7 +21,9 @@
 # cache's submit_read/submit_write, each resubmitted from its completion
 # callback (io_uring's model: the targets compare it with fio io_uring), or
 # sync, N threads of blocking I/O through the cache (psync's model: compare it
-# with fio psync)):
+# with fio psync); cases with the async engine also run fio io_uring with
+# --fixedbufs ("fio-fixed"), since that engine's buffers are the cache's
+# registered pool pages (Cache::io_buffer), and report cache/fio-fixed too):
 #   hit-rr32          4k randread QD32, all hits (cache-bench --warm),
 #                     engine async                                  vs raw SSD   target >= 0.90
 #   hit-rr32-threads  the same, engine sync (32 threads)            vs raw SSD   (recorded)
@@ -41,7 +43,7 @@
 # engine async.
 # Same offset range for all tools of a case (WS from offset 0 for hit and
 # write cases, the whole disk for the miss case). PAIRS rounds; the order of
-# the three tools rotates every round. Before every run it waits until no
+# the tools rotates every round. Before every run it waits until no
 # other benchmark runs (pgrep: fio, kcopy, run-kcopy-compare, kcopy-*; every
 # 20 s, at most WAIT_MAX s, then runs anyway and records it).
 #
@@ -279,7 +281,7 @@ def dev_size(dev):
         return int(f.read()) * 512
 
 
-def fio_cmd(rw, qd, device, engine):
+def fio_cmd(rw, qd, device, engine, fixed=False):
     size = WS if device == SSD else str(dev_size(device))
     cmd = [
         "fio", "--name=ref", f"--filename={device}", "--direct=1", f"--ioengine={engine}",
@@ -288,7 +290,7 @@ def fio_cmd(rw, qd, device, engine):
         "--output-format=json", "--offset=0", f"--size={size}", "--group_reporting",
     ]
     if engine == "io_uring":
-        cmd += ["--numjobs=1", f"--iodepth={qd}"]
+        cmd += ["--numjobs=1", f"--iodepth={qd}"] + (["--fixedbufs"] if fixed else [])
     else:
         cmd += [f"--numjobs={qd}", "--iodepth=1", "--thread"]
     return IN_CG + PIN + cmd
@@ -402,7 +404,7 @@ def sys_us_per_io(r, runtime):
     return r["ext"]["busy"] * 1e6 / (r["iops"] * runtime)
 
 
-TOOLS = ["fio-uring", "fio-psync", "cache"]
+ALL_TOOLS = ["fio-uring", "fio-psync", "cache", "fio-fixed"]
 summary = []
 commands = {}
 for case in CASES:
@@ -411,13 +413,21 @@ for case in CASES:
     cmds = {"fio-uring": fio_cmd(rw, qd, device, "io_uring"),
             "fio-psync": fio_cmd(rw, qd, device, "psync"),
             "cache": cache_cmd(rw, qd, engine, opts)}
+    # The async engine's buffers are the cache's registered pool pages
+    # (fixed-buffer I/O on hits), so those cases also run fio with its
+    # registered buffers: the like-for-like reference, reported beside the
+    # target's.
+    if engine == "async" and ref == "ssd":
+        cmds["fio-fixed"] = fio_cmd(rw, qd, device, "io_uring", fixed=True)
+    TOOLS = [t for t in ALL_TOOLS if t in cmds]
     commands[case] = {k: shlex.join(v) for k, v in cmds.items()}
     print(f"== {case}: {desc}", flush=True)
     for k in TOOLS:
         print(f"   {k}: {commands[case][k]}", flush=True)
     rounds = []
     for i in range(PAIRS):
-        order = TOOLS[i % 3:] + TOOLS[:i % 3]
+        k = i % len(TOOLS)
+        order = TOOLS[k:] + TOOLS[:k]
         got = {}
         for tool in order:
             waited, gave_up = wait_idle(f"{case} {i + 1} {tool}")
@@ -438,25 +448,36 @@ for case in CASES:
         c = got["cache"]
         rnd = {"order": order, **got,
                "ratio_uring": c["iops"] / got["fio-uring"]["iops"] if got["fio-uring"]["iops"] else float("nan"),
-               "ratio_psync": c["iops"] / got["fio-psync"]["iops"] if got["fio-psync"]["iops"] else float("nan")}
+               "ratio_psync": c["iops"] / got["fio-psync"]["iops"] if got["fio-psync"]["iops"] else float("nan"),
+               "ratio_fixed": (c["iops"] / got["fio-fixed"]["iops"]
+                               if got.get("fio-fixed", {}).get("iops") else float("nan"))}
         rounds.append(rnd)
         print(f"   round {i + 1}/{PAIRS}: fio-uring {got['fio-uring']['iops']:.0f}, "
               f"fio-psync {got['fio-psync']['iops']:.0f}, cache {c['iops']:.0f} IOPS "
               f"(hit ratio {c['hit_ratio']:.4f}, warm {c['warm_s'] or 0:.1f} s); "
-              f"cache/uring {rnd['ratio_uring']:.3f}, cache/psync {rnd['ratio_psync']:.3f}",
+              f"cache/uring {rnd['ratio_uring']:.3f}, cache/psync {rnd['ratio_psync']:.3f}"
+              + (f", fio-fixed {got['fio-fixed']['iops']:.0f}, cache/fixed {rnd['ratio_fixed']:.3f}"
+                 if "fio-fixed" in got else ""),
               flush=True)
     med = statistics.median
     ru = [r["ratio_uring"] for r in rounds]
     rp = [r["ratio_psync"] for r in rounds]
+    rf = [r["ratio_fixed"] for r in rounds]
     row = {
         "case": case, "desc": desc, "target": target, "rw": rw, "iodepth": qd, "reference": ref,
         "cache_engine": engine,
         "ratio_uring_median": med(ru), "ratio_uring_min": min(ru), "ratio_uring_max": max(ru),
         "ratio_psync_median": med(rp), "ratio_psync_min": min(rp), "ratio_psync_max": max(rp),
+        "ratio_fixed_median": med(rf), "ratio_fixed_min": min(rf), "ratio_fixed_max": max(rf),
+        "tools": TOOLS,
         "gave_up_waiting": any(r[t]["gave_up_waiting"] for r in rounds for t in TOOLS),
         "rounds": rounds,
     }
-    for t in TOOLS:
+    for t in ALL_TOOLS:
+        if t not in TOOLS:
+            for k in ("iops", "p50_us", "p99_us", "sys_us_per_io", "proc_cpu_us_per_io"):
+                row[f"{t}_{k}"] = float("nan")
+            continue
         row[f"{t}_iops"] = med([r[t]["iops"] for r in rounds])
         row[f"{t}_p50_us"] = med([r[t]["p50"] for r in rounds]) / 1e3
         row[f"{t}_p99_us"] = med([r[t]["p99"] for r in rounds]) / 1e3
@@ -476,8 +497,8 @@ lines = [
     "| case | cache/fio-uring median | min-max | target | cache/fio-psync median | min-max | "
     "cache IOPS | fio-uring IOPS | fio-psync IOPS | hit ratio | p50/p99 us cache | "
     "p50/p99 us fio-uring | p50/p99 us fio-psync | CPU us/IO cache/uring/psync | "
-    "process CPU us/IO cache/uring/psync | index B/block |",
-    "|" + "---|" * 16,
+    "process CPU us/IO cache/uring/psync | index B/block | cache/fio-fixed median | min-max |",
+    "|" + "---|" * 18,
 ]
 for r in summary:
     t = r["target"]
@@ -494,7 +515,8 @@ for r in summary:
         f"{r['cache_sys_us_per_io']:.2f}/{r['fio-uring_sys_us_per_io']:.2f}/"
         f"{r['fio-psync_sys_us_per_io']:.2f} | {r['cache_proc_cpu_us_per_io']:.2f}/"
         f"{r['fio-uring_proc_cpu_us_per_io']:.2f}/{r['fio-psync_proc_cpu_us_per_io']:.2f} | "
-        f"{r['index_bytes_per_block']:.2f} |")
+        f"{r['index_bytes_per_block']:.2f} | {r['ratio_fixed_median']:.3f} | "
+        f"{r['ratio_fixed_min']:.3f}-{r['ratio_fixed_max']:.3f} |")
 table = "\n".join(lines)
 gave_up = [r["case"] for r in summary if r["gave_up_waiting"]]
 notes = (
@@ -503,7 +525,9 @@ notes = (
     f"working set {WS} for hit/write cases, the whole disk for the miss case.\n"
     "Ratios: cache-bench IOPS / fio IOPS within a round, median and min-max over rounds. "
     "fio-uring: --ioengine=io_uring --numjobs=1 --iodepth=N (the targets' reference); "
-    "fio-psync: --ioengine=psync --numjobs=N --thread. cache-bench: --engine async (N "
+    "fio-psync: --ioengine=psync --numjobs=N --thread; fio-fixed (async-engine cases on the SSD): "
+    "fio-uring with --fixedbufs, since cache-bench's async engine uses the cache's registered "
+    "pool buffers (Cache::io_buffer). cache-bench: --engine async (N "
     "requests in flight through the cache's asynchronous API, each resubmitted from its "
     "completion callback: io_uring's model, the targets' comparison) or --engine sync (N "
     "threads of blocking I/O through the cache: psync's model, read its cache/fio-psync "
