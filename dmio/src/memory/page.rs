@@ -170,11 +170,11 @@ impl PagePool {
     /// assert!(pool.buffer(4096).is_pool_page()); // the page came back
     /// ```
     pub fn buffer(&self, len: usize) -> AlignedBuf {
-        if len <= PAGE_SIZE {
-            if let Some(mut buf) = AlignedBuf::from_arena(&self.shared) {
-                buf.set_len(len);
-                return buf;
-            }
+        if len <= PAGE_SIZE
+            && let Some(mut buf) = AlignedBuf::from_arena(&self.shared)
+        {
+            buf.set_len(len);
+            return buf;
         }
         AlignedBuf::new(len)
     }

@@ -45,6 +45,11 @@
 //!   other I/O, a full dm-io reserve) runs the blocking code on a worker, which
 //!   then calls the callback.
 //!
+//! Buffers from [`Cache::io_buffer`] are pages of the cache's dm-io pool,
+//! registered with its ring: a native hit into or from one uses io_uring's
+//! fixed-buffer opcodes and skips pinning the page on every I/O. Reuse them
+//! across requests (each callback gets its buffer back).
+//!
 //! ## Callbacks must not block
 //!
 //! A callback may run on the dm-io completion thread, which completes every
