@@ -117,7 +117,8 @@
 //!   needs no metadata commit first, go straight to the SSD from the caller's
 //!   buffer, and the callback runs on the dm-io completion thread, so it must not
 //!   block. Other asynchronous I/O runs the blocking code on a small worker pool
-//!   ([`cache::ASYNC_WORKERS`] threads).
+//!   (it grows from [`cache::ASYNC_WORKERS`] to [`cache::MAX_ASYNC_WORKERS`]
+//!   threads while requests queue up, so that misses overlap).
 #![forbid(unsafe_code)]
 
 pub mod cache;

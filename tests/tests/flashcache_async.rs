@@ -1328,7 +1328,7 @@ fn a_panicking_native_callback_leaves_the_cache_working() {
 }
 
 /// Callbacks of misses run on the cache's worker pool: more panicking ones
-/// than there are workers must not take the pool down with them.
+/// than the pool starts with must not take the pool down with them.
 #[test]
 fn panicking_worker_callbacks_leave_the_pool_working() {
     let (_ssd, _disk, cache) = rig(CacheMode::WriteBack, false, CommitMode::OnFlush);
@@ -1347,9 +1347,46 @@ fn panicking_worker_callbacks_leave_the_pool_working() {
     for _ in 0..panics {
         assert!(!wait_for(&rx, "a panicking miss callback"), "a miss completed natively");
     }
-    // Every worker has had a panicking callback; misses still complete.
+    // Workers have run panicking callbacks; misses still complete.
     let s = read_async(&cache, panics * BS, BLOCK, IoFlags::empty());
     assert_ran(&s, false, "a read miss after the panics");
+    cache.shutdown().unwrap();
+}
+
+/// Misses run on the worker pool, which grows while every worker is busy:
+/// 32 read misses whose disk reads each take 300 ms overlap, rather than
+/// running 4 at a time (8 x 300 ms), and each gets its block's data.
+#[test]
+fn async_misses_overlap_beyond_the_first_workers() {
+    let (_ssd, disk, cache) = rig(CacheMode::WriteBack, false, CommitMode::OnFlush);
+    cache.stop_cleaning();
+    const MISSES: u64 = 32;
+    let delay = Duration::from_millis(300);
+    disk.dev.faults().add(FaultRule::delay(OpSet::READ, delay).when(Trigger::FirstN(MISSES)));
+    let (tx, rx) = mpsc::channel();
+    let start = Instant::now();
+    for block in 0..MISSES {
+        let tx = tx.clone();
+        cache
+            .submit_read(block * BS, AlignedBuf::new(BLOCK), IoFlags::empty(), move |r, buf| {
+                let _ = tx.send((block, r, buf, in_notify_callback()));
+            })
+            .unwrap();
+    }
+    for _ in 0..MISSES {
+        let (block, result, buf, native) = wait_for(&rx, "a delayed read miss");
+        result.unwrap_or_else(|e| panic!("the miss of block {block} failed: {e}"));
+        assert!(!native, "the miss of block {block} completed natively");
+        assert_data!(buf, pattern(block * BS, BS, 0), "block {block} read back other bytes");
+    }
+    let took = start.elapsed();
+    assert!(
+        took < 4 * delay,
+        "{MISSES} misses with {delay:?} disk reads took {took:?}: they did not overlap \
+         (the pool started with {ASYNC_WORKERS} workers)"
+    );
+    assert_eq!(cache.stats().read_hits, 0, "a block was cached before its miss");
+    disk.dev.faults().clear_rules();
     cache.shutdown().unwrap();
 }
 

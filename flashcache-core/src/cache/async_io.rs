@@ -13,15 +13,22 @@ use std::task::{Context, Poll, Waker};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::{Sender, unbounded};
+use crossbeam_channel::{Receiver, Sender, unbounded};
 use dmio::AlignedBuf;
 
 use super::error::CacheError;
 use super::io_path::{Cacheable, Pieces};
 use super::{Cache, Inner, IoFlags};
 
-/// Worker threads in the asynchronous pool.
+/// Worker threads the asynchronous pool starts with (on first use).
 pub const ASYNC_WORKERS: usize = 4;
+
+/// The most worker threads the asynchronous pool grows to. A job queued
+/// while every worker is busy starts one more, so up to this many misses,
+/// fills and other blocking requests from the asynchronous API are in flight
+/// at once (the rest wait in the queue). Workers stay until the cache shuts
+/// down.
+pub const MAX_ASYNC_WORKERS: usize = 64;
 
 /// What an asynchronous read or write resolves to: its result and the
 /// caller's buffer, handed back whether it succeeded or not (tokio-uring's
@@ -49,8 +56,13 @@ thread_local! {
 /// flight.
 #[derive(Default)]
 pub(crate) struct AsyncState {
-    tx: Mutex<Option<Sender<Job>>>,
+    /// The queue's ends, once the pool has started (the receiver is cloned
+    /// for each worker the pool grows by).
+    tx: Mutex<Option<(Sender<Job>, Receiver<Job>)>>,
     workers: Mutex<Vec<JoinHandle<()>>>,
+    /// Workers waiting for a job: when the queue holds at least as many jobs,
+    /// a new job starts another worker (up to [`MAX_ASYNC_WORKERS`]).
+    idle: Arc<AtomicUsize>,
     /// No new submissions (the cache is shutting down).
     closed: AtomicBool,
     /// Accepted requests whose callback has not returned yet.
@@ -85,40 +97,56 @@ impl Drop for InFlight {
 }
 
 impl AsyncState {
-    /// Queues `job` on the pool, starting the workers on first use. A refused
-    /// job comes back. Jobs of accepted requests are taken until every one of
+    /// Queues `job` on the pool, starting the workers on first use and one
+    /// more when none is idle (up to [`MAX_ASYNC_WORKERS`]). A refused job
+    /// comes back. Jobs of accepted requests are taken until every one of
     /// them is done, also while the cache is closing.
     pub(super) fn submit(&self, job: Job) -> Result<(), Job> {
         let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
         if tx.is_none() {
             let (sender, receiver) = unbounded::<Job>();
-            // Stable: the state lives in the cache's `Arc<Inner>`, which
-            // outlives its workers (`close` joins them).
-            let owner = std::ptr::from_ref(self) as usize;
-            let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
-            for i in 0..ASYNC_WORKERS {
-                let rx = receiver.clone();
-                let spawned = std::thread::Builder::new().name(format!("flashcache-io-{i}")).spawn(
-                    move || {
-                        WORKER_OF.with(|c| c.set(owner));
-                        for job in rx {
-                            // A panicking callback must not take a worker with it.
-                            let _ = std::panic::catch_unwind(AssertUnwindSafe(|| job(true)));
-                        }
-                    },
-                );
-                if let Ok(handle) = spawned {
-                    workers.push(handle);
-                }
+            for _ in 0..ASYNC_WORKERS {
+                self.spawn_worker(&mut workers, &receiver);
             }
             if workers.is_empty() {
                 return Err(job);
             }
-            *tx = Some(sender);
+            *tx = Some((sender, receiver));
         }
-        match tx.as_ref() {
-            Some(sender) => sender.send(job).map_err(|e| e.into_inner()),
-            None => Err(job),
+        let Some((sender, receiver)) = tx.as_ref() else { return Err(job) };
+        if receiver.len() >= self.idle.load(Ordering::Acquire) && workers.len() < MAX_ASYNC_WORKERS
+        {
+            // Every idle worker already has a queued job to take: this one
+            // would wait for a busy worker, though its I/O could run beside
+            // theirs.
+            self.spawn_worker(&mut workers, receiver);
+        }
+        sender.send(job).map_err(|e| e.into_inner())
+    }
+
+    /// Starts one more worker on `queue` (a failed spawn leaves the pool as
+    /// it is: the job waits for a running worker).
+    fn spawn_worker(&self, workers: &mut Vec<JoinHandle<()>>, queue: &Receiver<Job>) {
+        // Stable: the state lives in the cache's `Arc<Inner>`, which outlives
+        // its workers (`close` joins them).
+        let owner = std::ptr::from_ref(self) as usize;
+        let rx = queue.clone();
+        let idle = self.idle.clone();
+        let name = format!("flashcache-io-{}", workers.len());
+        let spawned = std::thread::Builder::new().name(name).spawn(move || {
+            WORKER_OF.with(|c| c.set(owner));
+            loop {
+                idle.fetch_add(1, Ordering::AcqRel);
+                let next = rx.recv();
+                idle.fetch_sub(1, Ordering::AcqRel);
+                let Ok(job) = next else { return };
+                // A panicking callback must not take a worker with it.
+                let _ = std::panic::catch_unwind(AssertUnwindSafe(|| job(true)));
+            }
+        });
+        if let Ok(handle) = spawned {
+            workers.push(handle);
         }
     }
 

@@ -39,7 +39,8 @@
 //!   waiting and goes straight to the SSD as one dm-io request, with the
 //!   caller's buffer. The callback runs on the dm-io
 //!   completion thread. No thread is woken in between and no byte is copied.
-//! - **On a worker** ([`ASYNC_WORKERS`] threads, started on first use):
+//! - **On a worker** ([`ASYNC_WORKERS`] threads started on first use, and one
+//!   more whenever a job would otherwise wait, up to [`MAX_ASYNC_WORKERS`]):
 //!   everything else (misses and fills, write-through and write-around writes,
 //!   partial-block writes, FUA, I/O spanning several blocks, a block busy with
 //!   other I/O, a full dm-io reserve) runs the blocking code on a worker, which
@@ -104,7 +105,7 @@ use std::thread::JoinHandle;
 use dmio::{BlockDevice, DmIoClient, SECTOR_SIZE};
 use kcopyd::KcopydClient;
 
-pub use self::async_io::{ASYNC_WORKERS, BufResult, CacheFuture};
+pub use self::async_io::{ASYNC_WORKERS, BufResult, CacheFuture, MAX_ASYNC_WORKERS};
 pub use self::cleaner::CleanReport;
 pub use self::error::{CacheError, Device};
 pub use self::metadata::Recovered;
