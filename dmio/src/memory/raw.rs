@@ -20,6 +20,9 @@ use super::page::PoolShared;
 /// This is the owner behind [`DmIoMemory::Kmem`](crate::DmIoMemory::Kmem) (the
 /// kernel's kmalloc'd memory). The address is aligned to `align` (at least 4096,
 /// which satisfies every device's direct-I/O memory alignment up to one page).
+/// [`PagePool::buffer`](crate::PagePool::buffer) also lends pages of a pool's
+/// registered arena as `AlignedBuf`s, for fixed-buffer I/O; those go back to
+/// the pool on drop.
 ///
 /// ```
 /// use dmio::AlignedBuf;
@@ -105,6 +108,7 @@ impl AlignedBuf {
     /// is free now. The page is the buffer's alone until it is dropped, which
     /// gives the page back.
     pub(crate) fn from_arena(pool: &Arc<PoolShared>) -> Option<AlignedBuf> {
+        let layout = Layout::from_size_align(PAGE_SIZE, PAGE_SIZE).ok()?;
         let index = pool.take_index(None)?;
         let Some(ptr) = pool.arena().page_ptr(index as usize) else {
             pool.give_back(index);
@@ -114,7 +118,6 @@ impl AlignedBuf {
         // each index at most once, so no Page or other buffer refers to these
         // bytes until this buffer gives the index back in `drop`. The Arc to the
         // pool in the loan keeps the arena mapped meanwhile.
-        let layout = Layout::from_size_align(PAGE_SIZE, PAGE_SIZE).ok()?;
         let mut buf = AlignedBuf {
             ptr,
             len: PAGE_SIZE,
