@@ -186,11 +186,11 @@ fn run(args: &Args) -> Result<(), String> {
 /// (times an opaque zero), which serializes the hits in the CPU.
 fn hits(table: &[LockedSet], policy: &dyn Replacement, sequence: &[u64], overlap: bool) -> usize {
     let sets = table.len() as u64;
-    let zero = black_box(u64::from(!overlap) * 0);
+    let zero = black_box(0u64);
     let mut found = 0;
     let mut last = 0u64;
     for &next in sequence {
-        let block = next + last * zero;
+        let block = if overlap { next } else { next + last * zero };
         let entry = &table[(block % sets) as usize];
         let mut set = entry.set.lock().unwrap_or_else(|e| e.into_inner());
         last = match set.lookup(black_box(block)) {
