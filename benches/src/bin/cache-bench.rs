@@ -53,9 +53,12 @@
 mod args;
 #[path = "../shared/cpu.rs"]
 mod cpu;
+#[path = "../shared/policy.rs"]
+mod policy;
 use args::parse_size;
 use cpu::{SystemCpu, clock_ticks, loop_dio, process_cpu};
 use flashcache_core::sim::SplitMix64;
+use policy::Policy;
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -70,7 +73,7 @@ use clap::{Parser, ValueEnum};
 use flashcache_core::cache::{Cache, CacheError, IoFlags};
 use flashcache_core::dmio::{AlignedBuf, BlockDevice};
 use flashcache_core::format::{CacheMode, CommitMode};
-use flashcache_core::policy::{CacheStats, PolicyKind};
+use flashcache_core::policy::CacheStats;
 use flashcache_core::setup::CreateOptions;
 use hdrhistogram::Histogram;
 
@@ -182,30 +185,6 @@ impl Commit {
         match self {
             Commit::OnFlush => "on-flush",
             Commit::Sync => "sync",
-        }
-    }
-}
-
-/// The replacement policy (`--policy`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Policy {
-    /// FIFO.
-    Fifo,
-    /// LRU.
-    Lru,
-    /// flashcache's segmented LRU.
-    Slru,
-    /// SIEVE.
-    Sieve,
-}
-
-impl Policy {
-    fn kind(self) -> PolicyKind {
-        match self {
-            Policy::Fifo => PolicyKind::Fifo,
-            Policy::Lru => PolicyKind::Lru,
-            Policy::Slru => PolicyKind::FLASHCACHE_LRU,
-            Policy::Sieve => PolicyKind::Sieve,
         }
     }
 }
@@ -1018,6 +997,7 @@ fn run(args: &Args) -> Result<Report, String> {
         "bs": bs,
         "engine": args.engine.name(),
         "mem": args.mem.name(),
+        "policy": args.policy.name(),
         "iodepth": args.iodepth,
         "runtime": args.runtime,
         "ramp": args.ramp,

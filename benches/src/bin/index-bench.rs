@@ -29,29 +29,13 @@ use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use clap::{Parser, ValueEnum};
-use flashcache_core::policy::{CacheSet, PolicyKind, Replacement};
+use clap::Parser;
+use flashcache_core::policy::{CacheSet, Replacement};
 use flashcache_core::sim::SplitMix64;
 
-/// The replacement policy whose `accessed` hook runs on each hit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Policy {
-    Fifo,
-    Lru,
-    Slru,
-    Sieve,
-}
-
-impl Policy {
-    fn kind(self) -> PolicyKind {
-        match self {
-            Policy::Fifo => PolicyKind::Fifo,
-            Policy::Lru => PolicyKind::Lru,
-            Policy::Slru => PolicyKind::FLASHCACHE_LRU,
-            Policy::Sieve => PolicyKind::Sieve,
-        }
-    }
-}
+#[path = "../shared/policy.rs"]
+mod policy;
+use policy::Policy;
 
 #[derive(Debug, Parser)]
 #[command(about = "Nanoseconds per cache hit of the policy core's index work (no I/O)")]
@@ -151,7 +135,7 @@ fn run(args: &Args) -> Result<(), String> {
             "sets": args.sets,
             "ways": args.ways,
             "occupancy": args.occupancy,
-            "policy": format!("{:?}", args.policy).to_lowercase(),
+            "policy": args.policy.name(),
             "cached_blocks": blocks,
             "index_bytes": index_bytes,
             "hits_per_rep": args.hits,

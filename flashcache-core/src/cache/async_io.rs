@@ -98,14 +98,16 @@ impl Drop for InFlight {
 
 impl AsyncState {
     /// Queues `job` on the pool, starting the workers on first use and one
-    /// more when none is idle (up to [`MAX_ASYNC_WORKERS`]). A refused job
-    /// comes back. Jobs of accepted requests are taken until every one of
-    /// them is done, also while the cache is closing.
+    /// more when every idle worker already has a queued job (up to
+    /// [`MAX_ASYNC_WORKERS`]). A refused job comes back. Jobs of accepted
+    /// requests are taken until every one of them is done, also while the
+    /// cache is closing.
     pub(super) fn submit(&self, job: Job) -> Result<(), Job> {
         let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-        let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        let lock_workers = || self.workers.lock().unwrap_or_else(|e| e.into_inner());
         if tx.is_none() {
             let (sender, receiver) = unbounded::<Job>();
+            let mut workers = lock_workers();
             for _ in 0..ASYNC_WORKERS {
                 self.spawn_worker(&mut workers, &receiver);
             }
@@ -115,12 +117,14 @@ impl AsyncState {
             *tx = Some((sender, receiver));
         }
         let Some((sender, receiver)) = tx.as_ref() else { return Err(job) };
-        if receiver.len() >= self.idle.load(Ordering::Acquire) && workers.len() < MAX_ASYNC_WORKERS
-        {
+        if receiver.len() >= self.idle.load(Ordering::Acquire) {
             // Every idle worker already has a queued job to take: this one
             // would wait for a busy worker, though its I/O could run beside
             // theirs.
-            self.spawn_worker(&mut workers, receiver);
+            let mut workers = lock_workers();
+            if workers.len() < MAX_ASYNC_WORKERS {
+                self.spawn_worker(&mut workers, receiver);
+            }
         }
         sender.send(job).map_err(|e| e.into_inner())
     }
