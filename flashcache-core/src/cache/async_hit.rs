@@ -3,7 +3,7 @@
 //! completion thread. No worker thread is involved and nothing waits.
 //!
 //! A hit goes this way only when it can be started without waiting: the
-//! block's lock is taken with `try_lock`, and the dm-io request with
+//! block's lock is taken with `try_lock_cached`, and the dm-io request with
 //! `try_submit`. Anything else is declined and handed back, to run on the
 //! cache's worker pool with the blocking code, which behaves the same way.
 //! The completion side only takes the set's mutex (held for bookkeeping,
@@ -71,7 +71,7 @@ impl InFlight {
             let Some(way) = st.set.lookup(p.block) else {
                 return Err(Box::new((self, buf, notify)));
             };
-            if !st.try_lock(p.block, Access::Shared) {
+            if !st.try_lock_cached(p.block, way, Access::Shared) {
                 return Err(Box::new((self, buf, notify)));
             }
             let s = &mut *st;
@@ -203,7 +203,7 @@ impl InFlight {
             };
             let was_dirty = st.set.state(way).contains(BlockState::DIRTY);
             if (inner.commit_mode == CommitMode::Sync && !was_dirty)
-                || !st.try_lock(p.block, Access::Exclusive)
+                || !st.try_lock_cached(p.block, way, Access::Exclusive)
             {
                 return Err(Box::new((self, data, notify)));
             }
