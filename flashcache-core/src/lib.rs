@@ -97,9 +97,13 @@
 //! | `dmsetup table` cached / dirty counts | [`cached_blocks`](cache::Cache::cached_blocks), [`dirty_blocks`](cache::Cache::dirty_blocks) |
 //!
 //! `lru_promotions` and `lru_demotions` count the segmented LRU's moves
-//! between its warm and hot lists (0 under the other policies). Not
-//! maintained yet (always 0): `pending_inval`, `front_merge` (runs are merged
-//! forward from their first block and counted in `back_merge`).
+//! between its warm and hot lists (0 under the other policies).
+//! `front_merge` and `back_merge` count the blocks a cleaning write merged in
+//! front of and behind the dirty block it was planned for. `pending_inval`
+//! counts write-around writes and discards that waited for I/O in progress
+//! on a cached block and then invalidated it. `read_invalidates` stays 0: a
+//! partial or uncached read of a cached block is served from the cached copy
+//! here, where flashcache dropped the block and read the disk.
 //!
 //! # Where this differs from flashcache
 //!

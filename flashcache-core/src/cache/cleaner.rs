@@ -225,7 +225,11 @@ impl Inner {
                     if fallow {
                         self.counters.fallow_cleanings.fetch_add(n, Ordering::Relaxed);
                     }
-                    self.counters.back_merge.fetch_add(n - 1, Ordering::Relaxed);
+                    // A run cut short at a block it could not lock may have
+                    // lost blocks behind the chosen one (or the chosen one).
+                    let front = (run.front_merged as u64).min(n - 1);
+                    self.counters.front_merge.fetch_add(front, Ordering::Relaxed);
+                    self.counters.back_merge.fetch_add(n - 1 - front, Ordering::Relaxed);
                     cleaned += n;
                 }
                 Err(_) => {

@@ -400,6 +400,9 @@ impl Inner {
         if self.mode == CacheMode::WriteAround {
             if let Some(way) = hit {
                 Counters::bump(&self.counters.write_invalidates);
+                if guard.waited() {
+                    Counters::bump(&self.counters.pending_inval);
+                }
                 let s = &mut *st;
                 if s.set.state(way).contains(BlockState::PINNED) {
                     s.set.invalidate_held(&*s.policy, way);
@@ -550,10 +553,13 @@ impl Inner {
         let mut changed = false;
         for p in pieces.iter().copied().filter(|p| p.is_whole(block_bytes)) {
             let (set, shard) = self.shard_of(p.block);
-            let (_guard, mut st) =
+            let (guard, mut st) =
                 BlockGuard::acquire(shard, p.block, Access::Exclusive, &self.counters);
             let Some(way) = st.lookup_locked(p.block) else { continue };
             Counters::bump(&self.counters.discarded_blocks);
+            if guard.waited() {
+                Counters::bump(&self.counters.pending_inval);
+            }
             let s = &mut *st;
             let state = s.set.state(way);
             if state.intersects(BlockState::DIRTY | BlockState::PINNED) {

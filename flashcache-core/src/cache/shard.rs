@@ -232,14 +232,14 @@ impl Shard {
     }
 
     /// Waits until `block` can be locked for `access`, locks it, and returns the
-    /// set's bookkeeping still locked. Counts a `pending_enqueues` when it had
-    /// to wait.
+    /// set's bookkeeping still locked, and whether it had to wait (counted in
+    /// `pending_enqueues`).
     pub(crate) fn acquire(
         &self,
         block: u64,
         access: Access,
         counters: &Counters,
-    ) -> MutexGuard<'_, SetState> {
+    ) -> (MutexGuard<'_, SetState>, bool) {
         let mut state = self.lock();
         let mut counted = false;
         loop {
@@ -255,7 +255,7 @@ impl Shard {
                     Access::Exclusive => entry.writer = true,
                 }
                 state.mark_busy(block, true);
-                return state;
+                return (state, counted);
             }
             if !counted {
                 Counters::bump(&counters.pending_enqueues);
@@ -310,6 +310,8 @@ pub(crate) struct BlockGuard<'a> {
     shard: &'a Shard,
     block: u64,
     access: Access,
+    /// Whether taking the lock waited for I/O in progress on the block.
+    waited: bool,
 }
 
 impl<'a> BlockGuard<'a> {
@@ -321,13 +323,20 @@ impl<'a> BlockGuard<'a> {
         access: Access,
         counters: &Counters,
     ) -> (BlockGuard<'a>, MutexGuard<'a, SetState>) {
-        let state = shard.acquire(block, access, counters);
-        (BlockGuard { shard, block, access }, state)
+        let (state, waited) = shard.acquire(block, access, counters);
+        (BlockGuard { shard, block, access, waited }, state)
     }
 
     /// A guard for a lock already taken with [`SetState::try_lock_exclusive`].
     pub(crate) fn adopt(shard: &'a Shard, block: u64) -> BlockGuard<'a> {
-        BlockGuard { shard, block, access: Access::Exclusive }
+        BlockGuard { shard, block, access: Access::Exclusive, waited: false }
+    }
+
+    /// Whether taking the lock had to wait for I/O in progress on the block
+    /// (an I/O that then invalidates the block counts as flashcache's
+    /// `pending_inval`).
+    pub(crate) fn waited(&self) -> bool {
+        self.waited
     }
 }
 

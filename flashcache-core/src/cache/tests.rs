@@ -256,3 +256,54 @@ fn segmented_lru_promotions_and_demotions_are_counted_on_every_hit_path() {
     assert_eq!((stats.lru_promotions, stats.lru_demotions), (3, 1));
     cache.shutdown().unwrap();
 }
+
+#[test]
+fn cleaning_counts_blocks_merged_in_front_of_and_behind_the_chosen_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _ssd) = one_set_cache(&dir);
+    cache.set_tunable("reclaim_policy", 2).unwrap(); // LRU: the order is plain
+    let block = vec![0x3cu8; 4096];
+    for b in 10..14u64 {
+        cache.write(b * 8, &block).unwrap();
+    }
+    // 12 becomes the coldest dirty block; cleaning one block picks it and
+    // merges 10 and 11 in front of it and 13 behind it.
+    let mut buf = vec![0u8; 4096];
+    for b in [10u64, 11, 13] {
+        cache.read(b * 8, &mut buf).unwrap();
+    }
+    let limits = crate::policy::CleanLimits { dirty_thresh: 3, max_runs: 1, max_run_blocks: 64 };
+    let runs = cache.inner.lock_runs(0, |st| {
+        let s = &mut *st;
+        crate::policy::plan_cleaning(&mut s.set, &*s.policy, limits)
+    });
+    assert_eq!(cache.inner.clean_runs(0, runs, false), (4, 0));
+    let stats = cache.stats();
+    assert_eq!((stats.cleanings, stats.front_merge, stats.back_merge), (4, 2, 1), "{stats:?}");
+}
+
+#[test]
+fn an_invalidation_that_waited_for_io_on_its_block_counts_as_pending_inval() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _ssd) = one_set_cache(&dir);
+    let block = vec![0x7eu8; 4096];
+    cache.write(5 * 8, &block).unwrap();
+    cache.write(6 * 8, &block).unwrap();
+    // Nobody holds block 6: its discard does not wait.
+    cache.discard(6 * 8, 8).unwrap();
+    assert_eq!((cache.stats().pending_enqueues, cache.stats().pending_inval), (0, 0));
+    // Block 5 is locked, as by I/O in progress: the discard waits, then drops it.
+    let shard = &cache.inner.shards[0];
+    drop(shard.acquire(5, super::shard::Access::Exclusive, &cache.inner.counters));
+    std::thread::scope(|s| {
+        let discard = s.spawn(|| cache.discard(5 * 8, 8));
+        while cache.stats().pending_enqueues == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        shard.release(5, super::shard::Access::Exclusive);
+        discard.join().unwrap().unwrap();
+    });
+    let stats = cache.stats();
+    assert_eq!((stats.pending_enqueues, stats.pending_inval), (1, 1), "{stats:?}");
+    assert_eq!(cache.cached_blocks(), 0);
+}

@@ -11,6 +11,10 @@ pub struct CleanRun {
     pub first_block: u64,
     /// The ways holding `first_block`, `first_block + 1`, ... in disk order.
     pub ways: Vec<Way>,
+    /// How many of `ways` were merged in front of the block the planner chose
+    /// (`ways[front_merged]`); the rest after it were merged behind it
+    /// (flashcache's `front_merge` and `back_merge`).
+    pub front_merged: usize,
 }
 
 /// Limits for one round of cleaning in a set.
@@ -45,6 +49,7 @@ pub struct CleanLimits {
 /// assert_eq!(runs.len(), 1);
 /// assert_eq!(runs[0].first_block, 10);
 /// assert_eq!(runs[0].ways.len(), 3);
+/// assert_eq!(runs[0].front_merged, 0); // 10 was chosen; 11 and 12 merged behind it
 /// ```
 pub fn plan_cleaning(
     set: &mut CacheSet,
@@ -145,7 +150,8 @@ fn merge_runs(
                 _ => break,
             }
         }
-        runs.push(CleanRun { first_block: first, ways: ways.into() });
+        let front_merged = (block - first) as usize;
+        runs.push(CleanRun { first_block: first, ways: ways.into(), front_merged });
     }
     runs
 }
@@ -229,8 +235,8 @@ mod tests {
         assert_eq!(
             runs,
             vec![
-                CleanRun { first_block: 1, ways: vec![a] },
-                CleanRun { first_block: 5, ways: vec![b, c] },
+                CleanRun { first_block: 1, ways: vec![a], front_merged: 0 },
+                CleanRun { first_block: 5, ways: vec![b, c], front_merged: 1 },
             ]
         );
         assert_eq!(plan_fallow_cleaning(&set, 1, 10).len(), 1, "max_blocks limits the choice");
@@ -243,5 +249,23 @@ mod tests {
         let runs = plan_full_cleaning(&set, 16, 64);
         let shape: Vec<(u64, usize)> = runs.iter().map(|r| (r.first_block, r.ways.len())).collect();
         assert_eq!(shape, vec![(3, 3), (9, 4), (20, 1)]);
+    }
+
+    /// A run grown around a chosen block says how many blocks joined in front
+    /// of it: flashcache's `front_merge` (the rest are `back_merge`).
+    #[test]
+    fn runs_count_blocks_merged_in_front_of_the_chosen_block() {
+        let lru = PolicyKind::Lru.build();
+        let mut set = dirty_set(&*lru, 8, &[10, 11, 12, 13]);
+        // 12 becomes the coldest: 10, 11 and 13 are used after it.
+        for b in [10, 11, 13] {
+            let way = set.lookup(b).unwrap();
+            set.touch(&*lru, way);
+        }
+        let limits = CleanLimits { dirty_thresh: 3, max_runs: 1, max_run_blocks: 64 };
+        let runs = plan_cleaning(&mut set, &*lru, limits);
+        assert_eq!(runs.len(), 1);
+        assert_eq!((runs[0].first_block, runs[0].ways.len(), runs[0].front_merged), (10, 4, 2));
+        assert_eq!(set.block(runs[0].ways[runs[0].front_merged]), Some(12));
     }
 }

@@ -68,13 +68,15 @@ counters! {
     replacement,
     /// Clean blocks evicted for a write miss.
     write_replacement,
-    /// Cached blocks invalidated by uncached reads (partial blocks).
+    /// Cached blocks invalidated by uncached reads (always 0 here: such reads
+    /// are served from the cached copy).
     read_invalidates,
     /// Cached blocks invalidated by uncached writes (partial blocks, write-around).
     write_invalidates,
     /// I/Os queued behind I/O in progress on the same block.
     pending_enqueues,
-    /// Queued I/Os that invalidated the block when they ran.
+    /// I/Os that waited for I/O in progress on a cached block and then
+    /// invalidated it (write-around writes, discards).
     pending_inval,
     /// Slot updates clean → dirty.
     metadata_dirties,
@@ -90,9 +92,11 @@ counters! {
     fallow_cleanings,
     /// Misses that found no evictable block (the I/O went uncached).
     no_room,
-    /// Blocks merged into a cleaning write in front of another.
+    /// Blocks merged into a cleaning write in front of the dirty block it was
+    /// planned for.
     front_merge,
-    /// Blocks merged into a cleaning write behind another.
+    /// Blocks merged into a cleaning write behind the dirty block it was
+    /// planned for.
     back_merge,
     /// Reads issued to the disk.
     disk_reads,
