@@ -665,6 +665,10 @@ for kind, (src, d1, d2) in DEVICES.items():
         if n.startswith("kcopy"):
             t["reported_bytes"] = ok[0]["reported_bytes"]
             t["sub_job_bytes"] = ok[0]["json"].get("sub_job_bytes")
+            # KC-17: calls into the engine (io_uring_enter) per dm-io operation.
+            epo = [r["json"]["enters_per_op"] for r in ok
+                   if r["json"].get("enters_per_op") is not None]
+            t["enters_per_op"] = med(epo) if epo else None
             extra = sorted(set(ok[0]["json"]) - {"bytes", "seconds", "read_err", "write_err",
                                                  "mib_per_s"})
             t["json_fields"] = extra

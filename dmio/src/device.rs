@@ -51,6 +51,38 @@ pub enum AlignmentSource {
     Conservative,
 }
 
+/// A block device's zone model (sysfs `queue/zoned`): whether writes must go
+/// sequentially within each zone.
+///
+/// ```no_run
+/// use dmio::{BlockDevice, ZonedModel};
+/// let dev = BlockDevice::open("/dev/loop0")?;
+/// assert_eq!(dev.zoned_model(), ZonedModel::None); // loop devices are not zoned
+/// # Ok::<(), dmio::DmIoError>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ZonedModel {
+    /// Not zoned: writes may go anywhere in any order (regular files too).
+    #[default]
+    None,
+    /// Zoned, but random writes are tolerated (at a cost).
+    HostAware,
+    /// Zoned: each zone must be written sequentially, at its write pointer.
+    HostManaged,
+}
+
+impl ZonedModel {
+    /// The model sysfs names `text` (`none`, `host-aware`, `host-managed`);
+    /// anything else (a future model) counts as host-managed, the strict one.
+    fn from_sysfs(text: &str) -> ZonedModel {
+        match text.trim() {
+            "none" | "" => ZonedModel::None,
+            "host-aware" => ZonedModel::HostAware,
+            _ => ZonedModel::HostManaged,
+        }
+    }
+}
+
 /// The limits and capabilities of a device, probed when it is opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceInfo {
@@ -73,6 +105,8 @@ pub struct DeviceInfo {
     pub atomic_write_max_bytes: u32,
     /// The smallest atomic write.
     pub atomic_write_min_bytes: u32,
+    /// The zone model ([`ZonedModel::None`] for regular files).
+    pub zoned: ZonedModel,
 }
 
 /// Options for [`BlockDevice::open_with`].
@@ -371,6 +405,22 @@ impl BlockDevice {
         self.max_write_zeroes_bytes() > 0
     }
 
+    /// The zone model (taking fault-injection overrides into account).
+    pub fn zoned_model(&self) -> ZonedModel {
+        #[cfg(feature = "fault-injection")]
+        if let Some(v) = self.faults.zoned_override() {
+            return v;
+        }
+        self.info.zoned
+    }
+
+    /// Whether the device is zoned (host-aware or host-managed), so that writes
+    /// should go sequentially (the kernel's `bdev_is_zoned`; kcopyd then writes
+    /// in order, as with `WRITE_SEQ`).
+    pub fn is_zoned(&self) -> bool {
+        self.zoned_model() != ZonedModel::None
+    }
+
     /// The largest single discard in effect, 0 when unsupported.
     pub(crate) fn max_discard_bytes(&self) -> u64 {
         #[cfg(feature = "fault-injection")]
@@ -504,6 +554,8 @@ fn probe_info(
                 .unwrap_or(128 * 1024);
             let discard = read_sysfs_u64(&queue.join("discard_max_bytes")).unwrap_or(0);
             let write_zeroes = read_sysfs_u64(&queue.join("write_zeroes_max_bytes")).unwrap_or(0);
+            let zoned = std::fs::read_to_string(queue.join("zoned"))
+                .map_or(ZonedModel::None, |text| ZonedModel::from_sysfs(&text));
             Ok(DeviceInfo {
                 logical_block_size: lbs,
                 physical_block_size: pbs,
@@ -514,6 +566,7 @@ fn probe_info(
                 max_write_zeroes_bytes: write_zeroes,
                 atomic_write_max_bytes: statx.atomic_unit_max,
                 atomic_write_min_bytes: statx.atomic_unit_min,
+                zoned,
             })
         }
         DeviceKind::RegularFile => {
@@ -553,7 +606,22 @@ fn probe_info(
                 max_write_zeroes_bytes: if punch { unlimited } else { 0 },
                 atomic_write_max_bytes: statx.atomic_unit_max,
                 atomic_write_min_bytes: statx.atomic_unit_min,
+                zoned: ZonedModel::None,
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod zoned_tests {
+    use super::ZonedModel;
+
+    #[test]
+    fn sysfs_zone_models_parse() {
+        assert_eq!(ZonedModel::from_sysfs("none\n"), ZonedModel::None);
+        assert_eq!(ZonedModel::from_sysfs("host-aware\n"), ZonedModel::HostAware);
+        assert_eq!(ZonedModel::from_sysfs("host-managed\n"), ZonedModel::HostManaged);
+        // A model this code does not know yet is taken as the strict one.
+        assert_eq!(ZonedModel::from_sysfs("host-something\n"), ZonedModel::HostManaged);
     }
 }

@@ -148,7 +148,7 @@ mod sys;
 
 pub use client::{ClientStats, DmIoClient, DmIoConfig, SubmitRefused, in_notify_callback};
 pub use device::{
-    AlignmentSource, BlockDevice, DeviceInfo, DeviceKind, DeviceOptions, SECTOR_SIZE,
+    AlignmentSource, BlockDevice, DeviceInfo, DeviceKind, DeviceOptions, SECTOR_SIZE, ZonedModel,
 };
 pub use engine::{EngineChoice, EngineKind};
 pub use error::{DmIoError, Errno, ErrorBits, MAX_REGIONS, RegionFailure, RegionFailures};

@@ -104,6 +104,14 @@ fn copy_one_to_two_with_verify_and_json() {
     assert_eq!(json["write_err"].as_u64(), Some(0), "{json}");
     assert_eq!(json["verified"], true, "{json}");
     assert_eq!(json["mode"], "copy", "{json}");
+    // KC-17's measure: each chunk is one read and one fan-out write to both
+    // destinations (three operations), issued with fewer engine calls.
+    let sub_job = json["sub_job_bytes"].as_u64().expect("sub_job_bytes");
+    let sub_jobs = json["sub_jobs"].as_u64().expect("sub_jobs");
+    assert_eq!(sub_jobs, (SIZE as u64).div_ceil(sub_job), "{json}");
+    assert!(json["io_ops"].as_u64().is_some_and(|ops| ops >= 3 * sub_jobs), "{json}");
+    assert!(json["io_enters"].as_u64().is_some_and(|n| n >= 1), "{json}");
+    assert!(json["enters_per_op"].as_f64().is_some_and(|r| r > 0.0), "{json}");
     let dests = json["destinations"].as_array().expect("destinations array");
     assert_eq!(dests.len(), 2, "{json}");
     assert_eq!(dests[0].as_str(), a.to_str(), "{json}");

@@ -324,6 +324,13 @@ impl KcopydClient {
         if !self.shared.begin_job() {
             return Err(KcopydError::ClientClosed);
         }
+        // A zoned destination must be written sequentially: the kernel sets
+        // WRITE_SEQ itself when one is (`bdev_is_zoned`), and so does this.
+        let flags = if dests.iter().any(|d| d.device.is_zoned()) {
+            flags | CopyFlags::WRITE_SEQ
+        } else {
+            flags
+        };
         let job = JobShared::new(total_bytes);
         let handle = JobHandle { shared: job.clone(), notifier: self.shared.notifier.clone() };
         self.shared.notifier.send(Msg::Job(Box::new(JobSpec {

@@ -19,7 +19,9 @@ bitflags::bitflags! {
         const IGNORE_ERROR = 1 << 0;
         /// Issue destination writes in strictly increasing offset order (reads
         /// stay parallel), as zoned devices need. Errors always stop the job:
-        /// `IGNORE_ERROR` is ignored. `DM_KCOPYD_WRITE_SEQ`.
+        /// `IGNORE_ERROR` is ignored. `DM_KCOPYD_WRITE_SEQ`. Set automatically,
+        /// as in the kernel, when a destination is zoned
+        /// ([`BlockDevice::is_zoned`](dmio::BlockDevice::is_zoned)).
         const WRITE_SEQ = 1 << 1;
     }
 }

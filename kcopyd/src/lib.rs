@@ -62,7 +62,8 @@
 //!   than the source, a destination overlapping the source or another
 //!   destination, misaligned or out-of-range regions and read-only destination
 //!   devices are errors before anything starts (the kernel trusts its callers).
-//! - **WRITE_SEQ** is a flag only: zoned devices are not detected. A sequential
+//! - **WRITE_SEQ** is set for a job, as in the kernel, when a destination is
+//!   zoned (sysfs `queue/zoned` is not `none`). A sequential
 //!   job keeps one destination write in flight, so writes reach the device in
 //!   offset order, not just leave in it. After an error no later chunk is
 //!   written (the kernel fails them with the inherited `write_err`).

@@ -4,7 +4,8 @@
 //! they complete in that order too (write log); data is correct; after a write
 //! error on chunk k no later chunk is written, with or without IGNORE_ERROR
 //! (which WRITE_SEQ overrides), for copies and for zero jobs; a source read
-//! error keeps the earlier chunks that were in flight, as without WRITE_SEQ.
+//! error keeps the earlier chunks that were in flight, as without WRITE_SEQ; a
+//! zoned destination gets WRITE_SEQ without the flag.
 
 mod kcopyd_common;
 
@@ -341,4 +342,41 @@ fn kc10_write_seq_writes_complete_in_order() {
     );
     let got = disk(&dst.dev, to.sector, to.count);
     kcopyd_common::assert_same(&got, sectors(&src_image, 0, to.count), to.sector, "write log");
+}
+
+/// KC-10, detection: a job whose destination is zoned writes in order without
+/// being asked (the kernel sets WRITE_SEQ for `bdev_is_zoned` destinations).
+/// The same setup reorders writes to the device when it is not zoned.
+#[test]
+fn kc10_a_zoned_destination_gets_write_seq_by_itself() {
+    let td = TestDevice::new(tests::Backing::File, 8 * MIB);
+    let kc = kc(KcopydConfig::new().sub_job_kb(64));
+    let len = 2 * MIB;
+    let from = region(&td, 0, len);
+    let to = region(&td, 4 * MIB, len);
+    write_pattern(kc.dmio(), &td.dev, from.sector, from.count, SRC_SEED);
+    let in_order = |trace: &[TracedOp]| {
+        let order = write_chunks(trace, to.sector);
+        order.windows(2).all(|w| w[0] < w[1])
+    };
+    let reordered = (0..3).any(|attempt| {
+        let trace = run(&kc, &td, &from, &to, CopyFlags::empty(), &format!("not zoned/{attempt}"));
+        !in_order(&trace)
+    });
+    assert!(reordered, "the setup never reordered writes to a device that is not zoned");
+    td.dev.faults().override_limits(dmio::fault::LimitOverrides {
+        zoned: Some(dmio::ZonedModel::HostManaged),
+        ..Default::default()
+    });
+    assert!(td.dev.is_zoned());
+    for attempt in 0..3 {
+        let trace = run(&kc, &td, &from, &to, CopyFlags::empty(), &format!("zoned/{attempt}"));
+        assert!(
+            in_order(&trace),
+            "zoned/{attempt}: writes out of order: {:?}",
+            write_chunks(&trace, to.sector)
+        );
+    }
+    td.dev.faults().override_limits(dmio::fault::LimitOverrides::default());
+    assert!(!td.dev.is_zoned());
 }

@@ -187,6 +187,9 @@ pub struct LimitOverrides {
     pub max_write_zeroes_bytes: Option<u64>,
     /// Largest atomic write in bytes; `Some(0)` makes atomic writes unsupported.
     pub atomic_write_max_bytes: Option<u32>,
+    /// The zone model the device reports (a zoned device for tests of code
+    /// that must write sequentially to one; I/O itself is not checked).
+    pub zoned: Option<crate::ZonedModel>,
 }
 
 /// One operation as issued to a device, as recorded by the trace.
@@ -316,6 +319,10 @@ impl FaultInjector {
 
     pub(crate) fn write_zeroes_override(&self) -> Option<u64> {
         self.overrides()?.max_write_zeroes_bytes
+    }
+
+    pub(crate) fn zoned_override(&self) -> Option<crate::ZonedModel> {
+        self.overrides()?.zoned
     }
 
     pub(crate) fn atomic_override(&self) -> Option<u32> {

@@ -183,6 +183,11 @@ struct Report {
     checksum: Option<u64>,
     /// Seconds spent verifying.
     verify_seconds: f64,
+    /// The job's dm-io work (before verifying): operations and calls into the
+    /// engine (`io_uring_enter`), KC-17's batching measure.
+    io: Option<dmio::ClientStats>,
+    /// The job's sub-jobs (chunks).
+    sub_jobs: u64,
 }
 
 impl Report {
@@ -215,6 +220,10 @@ impl Report {
             "verified": self.verified,
             "checksum": self.checksum.map(|c| format!("{c:016x}")),
             "verify_seconds": self.verify_seconds,
+            "sub_jobs": self.sub_jobs,
+            "io_ops": self.io.map_or(0, |io| io.ops),
+            "io_enters": self.io.map_or(0, |io| io.submit_calls),
+            "enters_per_op": self.io.filter(|io| io.ops > 0).map(|io| io.submit_calls as f64 / io.ops as f64),
         })
     }
 
@@ -538,6 +547,7 @@ fn run(args: &Args, report: &mut Report) -> Result<(), Failure> {
     let notify = move |outcome: JobOutcome| {
         let _ = tx.send(outcome);
     };
+    let io_before = client.dmio().stats();
     let started = Instant::now();
     let job = match &src {
         Some(src) => client.copy(&DmIoRegion::new(src, sector, count), &regions, flags, notify),
@@ -556,6 +566,8 @@ fn run(args: &Args, report: &mut Report) -> Result<(), Failure> {
         }
     };
     report.seconds = started.elapsed().as_secs_f64();
+    report.io = Some(client.dmio().stats().since(&io_before));
+    report.sub_jobs = client.stats().sub_jobs;
     bar.finish_and_clear();
     let failure =
         (!outcome.is_ok()).then(|| job_failure(&outcome, src_path.map(PathBuf::as_path), &dsts));
