@@ -54,7 +54,7 @@
 //! | vmalloc'd area, kmalloc'd buffer | [`VirtualArea`], [`AlignedBuf`] |
 //! | the client's mempool of `struct io` and bios | request slots ([`DmIoConfig::reserve`]) and op slots ([`DmIoConfig::ring_entries`]) |
 //! | page mempool | [`PagePool`] (its reserve is registered with the ring) |
-//! | `io_notify_fn(error_bits, context)`, `struct dm_io_notify` | [`Notify`], [`NotifyHandler`], [`DmIoCompletion`] |
+//! | `io_notify_fn(error_bits, context)`, `struct dm_io_notify` | [`Notify`], [`NotifyHandler`], [`CompletionState`], [`DmIoCompletion`] |
 //! | `dm_io()` with `notify.fn` | [`DmIoClient::submit`] |
 //! | `dm_io()` without `notify.fn`, `sync_error_bits` | [`DmIoClient::io_sync`], [`DmIoCompletion::error_bits`] |
 //! | `unsigned long error_bits`, `DM_IO_MAX_REGIONS` | [`ErrorBits`], [`MAX_REGIONS`] |
@@ -155,7 +155,7 @@ pub use error::{DmIoError, Errno, ErrorBits, MAX_REGIONS, RegionFailure, RegionF
 pub use memory::{
     AlignedBuf, BioVec, Bvec, DmIoMemory, PAGE_SIZE, Page, PageList, PagePool, VirtualArea,
 };
-pub use notify::{DmIoCompletion, DmIoFuture, Notify, NotifyHandler};
+pub use notify::{CompletionState, DmIoCompletion, DmIoFuture, Notify, NotifyHandler};
 pub use region::DmIoRegion;
 pub use request::{DmIoOp, DmIoRequest, IoPriority, IoPriorityClass, ReqFlags};
 

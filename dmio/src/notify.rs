@@ -66,6 +66,51 @@ impl<F: Fn(DmIoCompletion, usize) + Send + Sync> NotifyHandler for F {
     }
 }
 
+/// A request's completion callback as a value: the state it needs plus what
+/// to do with it. Unlike a closure, the state can be taken back out of a
+/// [`Notify`] ([`Notify::into_state`]), for instance from a request that
+/// [`DmIoClient::try_submit`](crate::DmIoClient::try_submit) refused, without
+/// sharing it behind a lock in case of refusal.
+///
+/// ```
+/// use dmio::{CompletionState, DmIoCompletion, Notify};
+/// struct Tag(u32);
+/// impl CompletionState for Tag {
+///     fn complete(self: Box<Self>, done: DmIoCompletion) {
+///         println!("request {} done: {}", self.0, done.error_bits);
+///     }
+/// }
+/// let notify = Notify::with_state(Tag(7));
+/// // A refused request's notify gives its state back, by type.
+/// let tag: Tag = notify.into_state().unwrap();
+/// assert_eq!(tag.0, 7);
+/// ```
+pub trait CompletionState: Send + 'static {
+    /// Called once, on the client's completion thread, with the completion.
+    fn complete(self: Box<Self>, done: DmIoCompletion);
+}
+
+/// A boxed [`CompletionState`] that can also be downcast back to its type.
+trait BoxedState: Send {
+    fn complete(self: Box<Self>, done: DmIoCompletion);
+    fn state_type(&self) -> std::any::TypeId;
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send>;
+}
+
+impl<S: CompletionState> BoxedState for S {
+    fn complete(self: Box<Self>, done: DmIoCompletion) {
+        CompletionState::complete(self, done);
+    }
+
+    fn state_type(&self) -> std::any::TypeId {
+        std::any::TypeId::of::<S>()
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+        self
+    }
+}
+
 /// How a request is notified of its completion (the kernel's `struct dm_io_notify`).
 ///
 /// ```
@@ -87,6 +132,7 @@ pub struct Notify(NotifyKind);
 
 enum NotifyKind {
     Once(Box<dyn FnOnce(DmIoCompletion) + Send>),
+    State(Box<dyn BoxedState>),
     Shared { handler: Arc<dyn NotifyHandler>, context: usize },
     Channel { tx: crossbeam_channel::Sender<(usize, DmIoCompletion)>, context: usize },
     Waiter(Arc<Waiter>),
@@ -97,6 +143,26 @@ impl Notify {
     /// Calls `f` once with the completion.
     pub fn new(f: impl FnOnce(DmIoCompletion) + Send + 'static) -> Notify {
         Notify(NotifyKind::Once(Box::new(f)))
+    }
+
+    /// Calls `state.complete(completion)` (one allocation, for the box).
+    pub fn with_state<S: CompletionState>(state: S) -> Notify {
+        Notify(NotifyKind::State(Box::new(state)))
+    }
+
+    /// The state of a [`with_state`](Self::with_state) notify of type `S`,
+    /// taken back without calling it; any other notify comes back unchanged.
+    pub fn into_state<S: CompletionState>(self) -> Result<S, Notify> {
+        match self.0 {
+            NotifyKind::State(state) if state.state_type() == std::any::TypeId::of::<S>() => {
+                match state.into_any().downcast::<S>() {
+                    Ok(state) => Ok(*state),
+                    // Unreachable: the type was just checked.
+                    Err(_) => Err(Notify::new(|_| {})),
+                }
+            }
+            kind => Err(Notify(kind)),
+        }
     }
 
     /// Calls `handler.notify(completion, context)`.
@@ -134,6 +200,7 @@ impl Notify {
     pub(crate) fn fire(self, completion: DmIoCompletion) {
         match self.0 {
             NotifyKind::Once(f) => f(completion),
+            NotifyKind::State(state) => state.complete(completion),
             NotifyKind::Shared { handler, context } => handler.notify(completion, context),
             NotifyKind::Channel { tx, context } => {
                 let _ = tx.send((context, completion));
@@ -148,6 +215,7 @@ impl fmt::Debug for Notify {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self.0 {
             NotifyKind::Once(_) => "Notify::Once",
+            NotifyKind::State(_) => "Notify::State",
             NotifyKind::Shared { .. } => "Notify::Shared",
             NotifyKind::Channel { .. } => "Notify::Channel",
             NotifyKind::Waiter(_) => "Notify::Waiter",
@@ -250,5 +318,45 @@ impl Future for DmIoFuture {
 impl fmt::Debug for DmIoFuture {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("DmIoFuture")
+    }
+}
+
+#[cfg(test)]
+mod state_tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::{CompletionState, DmIoCompletion, Notify};
+    use crate::error::ErrorBits;
+
+    struct Count(Arc<AtomicU32>);
+    impl CompletionState for Count {
+        fn complete(self: Box<Self>, _done: DmIoCompletion) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    struct Other;
+    impl CompletionState for Other {
+        fn complete(self: Box<Self>, _done: DmIoCompletion) {}
+    }
+
+    fn done() -> DmIoCompletion {
+        DmIoCompletion { error_bits: ErrorBits::NONE, failures: Vec::new(), memory: None }
+    }
+
+    #[test]
+    fn a_state_comes_back_only_as_its_own_type_and_otherwise_still_fires() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let notify = Notify::with_state(Count(calls.clone()));
+        let notify = match notify.into_state::<Other>() {
+            Ok(_) => panic!("a Count came back as an Other"),
+            Err(notify) => notify,
+        };
+        notify.fire(done());
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        let back = Notify::with_state(Count(calls.clone())).into_state::<Count>();
+        assert!(back.is_ok_and(|c| Arc::ptr_eq(&c.0, &calls)));
+        assert!(Notify::new(|_| {}).into_state::<Count>().is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "a state taken back was called");
     }
 }

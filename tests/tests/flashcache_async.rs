@@ -201,6 +201,62 @@ fn writeback_hits_complete_natively_and_everything_else_on_a_worker() {
     cache.shutdown().unwrap();
 }
 
+/// Hits submitted from a native callback while every dm-io request slot is
+/// taken are refused by dm-io and come back whole: they run on a worker, with
+/// the right data, and every callback runs once (the hit's state travels as
+/// the dm-io request's notify state and is handed back by the refusal).
+#[test]
+fn hits_beyond_the_dm_io_reserve_submitted_from_a_callback_run_on_a_worker() {
+    // More than dm-io's default reserve of 64 request slots.
+    const FAN_OUT: u64 = 120;
+    let (_ssd, _disk, cache) = rig(CacheMode::WriteBack, false, CommitMode::OnFlush);
+    cache.stop_cleaning();
+    for b in 0..FAN_OUT {
+        write_block(&cache, b, 3);
+    }
+    let cache = Arc::new(cache);
+    let (tx, rx) = mpsc::channel();
+    let fan_cache = Arc::downgrade(&cache);
+    cache
+        .submit_read(0, AlignedBuf::new(BLOCK), IoFlags::empty(), move |first, _| {
+            let cache = fan_cache.upgrade().expect("the cache outlives its requests");
+            let _ = tx.send((u64::MAX, first, Vec::new(), in_notify_callback()));
+            for b in 0..FAN_OUT {
+                let (tx, refused) = (tx.clone(), tx.clone());
+                let submitted = cache.submit_read(
+                    b * BS,
+                    AlignedBuf::new(BLOCK),
+                    IoFlags::empty(),
+                    move |result, buf| {
+                        let _ = tx.send((b, result, buf.to_vec(), in_notify_callback()));
+                    },
+                );
+                if let Err(e) = submitted {
+                    let _ = refused.send((b, Err(e), Vec::new(), true));
+                }
+            }
+        })
+        .unwrap();
+    let (first, result, _, native) = wait_for(&rx, "the first read");
+    assert_eq!(first, u64::MAX);
+    assert!(result.is_ok() && native, "the first read: {result:?}, native {native}");
+    let mut seen = vec![false; FAN_OUT as usize];
+    let mut on_workers = 0;
+    for _ in 0..FAN_OUT {
+        let (b, result, buf, native) = wait_for(&rx, "a read submitted from the callback");
+        assert!(result.is_ok(), "block {b}: {result:?}");
+        assert!(!seen[b as usize], "block {b}: called back twice");
+        seen[b as usize] = true;
+        assert_data!(buf, data(b, 3), "block {b}");
+        on_workers += usize::from(!native);
+    }
+    assert!(
+        on_workers >= (FAN_OUT - 64) as usize,
+        "only {on_workers} of {FAN_OUT} reads ran on a worker: the reserve was never full"
+    );
+    assert!(rx.recv_timeout(Duration::from_millis(200)).is_err(), "a callback ran twice");
+}
+
 #[test]
 fn sync_commit_writes_natively_only_to_blocks_already_dirty() {
     let (_ssd, _disk, cache) = rig(CacheMode::WriteBack, false, CommitMode::Sync);

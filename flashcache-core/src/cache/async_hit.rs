@@ -11,11 +11,14 @@
 //! (dropping a clean block after an SSD read error, which takes the block's
 //! lock, then reading the disk) goes to the pool.
 
+use std::sync::PoisonError;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError};
 
-use dmio::{AlignedBuf, DmIoCompletion, DmIoMemory, DmIoRequest, SECTOR_SIZE};
+use dmio::{
+    AlignedBuf, CompletionState, DmIoCompletion, DmIoMemory, DmIoRequest, Notify, SECTOR_SIZE,
+};
 
+use super::Inner;
 use super::async_io::{InFlight, IoNotify, Job, refuse};
 use super::error::CacheError;
 use super::io_path::{Cacheable, Piece};
@@ -26,14 +29,46 @@ use crate::policy::{BlockState, Counters, Way};
 /// A declined request, handed back whole.
 pub(super) type Declined = Box<(InFlight, AlignedBuf, IoNotify)>;
 
-/// What a submitted hit's dm-io callback needs: the request and its callback.
-/// It sits behind a mutex shared with the submitter so that a request dm-io
-/// refuses (its full reserve, seen from the completion thread) can be taken
-/// back and run on the pool instead.
-type Handoff = Arc<Mutex<Option<(InFlight, IoNotify)>>>;
+/// A native hit in flight: what its dm-io completion needs. It travels as the
+/// dm-io request's notify state ([`Notify::with_state`]), so a request dm-io
+/// refuses (its full reserve, seen from the completion thread) gives it back
+/// by value, to run on the pool instead: no lock or shared cell per hit.
+struct HitInFlight {
+    request: InFlight,
+    notify: IoNotify,
+    p: Piece,
+    way: Way,
+    sector: u64,
+    kind: HitKind,
+}
 
-fn take(handoff: &Handoff) -> Option<(InFlight, IoNotify)> {
-    handoff.lock().unwrap_or_else(PoisonError::into_inner).take()
+/// What kind of hit, with what its completion needs to know.
+enum HitKind {
+    Read { cacheable: Cacheable, dirty: bool },
+    Write { set: u32, was_dirty: bool },
+}
+
+impl HitKind {
+    fn access(&self) -> Access {
+        match self {
+            HitKind::Read { .. } => Access::Shared,
+            HitKind::Write { .. } => Access::Exclusive,
+        }
+    }
+}
+
+impl CompletionState for HitInFlight {
+    fn complete(self: Box<Self>, done: DmIoCompletion) {
+        let HitInFlight { request, notify, p, way, sector, kind } = *self;
+        match kind {
+            HitKind::Read { cacheable, dirty } => {
+                request.read_hit_done(p, cacheable, way, dirty, sector, done, notify);
+            }
+            HitKind::Write { set, was_dirty } => {
+                request.write_hit_done(p, set, way, was_dirty, sector, done, notify);
+            }
+        }
+    }
 }
 
 /// The caller's buffer out of a completed request (dm-io hands back the
@@ -53,15 +88,17 @@ fn buffer_of(memory: Option<DmIoMemory>, len: usize) -> AlignedBuf {
 
 impl InFlight {
     /// Starts a read of one piece natively if its block is cached and not
-    /// locked exclusively; otherwise hands it back.
+    /// locked exclusively; otherwise hands it back. `inner` is the cache this
+    /// request belongs to (the caller's reference: the request moves into its
+    /// dm-io callback).
     pub(super) fn try_read_hit(
         self,
+        inner: &Inner,
         p: Piece,
         cacheable: Cacheable,
         buf: AlignedBuf,
         notify: IoNotify,
     ) -> Result<(), Declined> {
-        let inner = self.inner.clone();
         if inner.bypass.load(Ordering::Acquire) {
             return Err(Box::new((self, buf, notify)));
         }
@@ -79,54 +116,9 @@ impl InFlight {
             (way, s.set.state(way).contains(BlockState::DIRTY))
         };
         let sector = inner.ssd_sector(set, way) + p.offset as u64 / SECTOR_SIZE;
-        let done = move |request: InFlight, notify, done| {
-            request.read_hit_done(p, cacheable, way, dirty, sector, done, notify);
-        };
-        self.submit_hit(p, Access::Shared, sector, buf, notify, done)
-    }
-
-    /// Submits the SSD I/O of a hit whose block this request has locked for
-    /// `access` (shared: a read into `buf`; exclusive: a write of it), with
-    /// `done` run from its dm-io callback. Counts the hit once submitted (a
-    /// declined hit is counted by the blocking path that serves it). A request
-    /// dm-io refuses lets go of the lock and comes back whole.
-    fn submit_hit(
-        self,
-        p: Piece,
-        access: Access,
-        sector: u64,
-        buf: AlignedBuf,
-        notify: IoNotify,
-        done: impl FnOnce(InFlight, IoNotify, DmIoCompletion) + Send + 'static,
-    ) -> Result<(), Declined> {
-        let inner = self.inner.clone();
-        let handoff: Handoff = Arc::new(Mutex::new(Some((self, notify))));
-        let theirs = handoff.clone();
-        let on_complete = move |completion: DmIoCompletion| {
-            if let Some((request, notify)) = take(&theirs) {
-                done(request, notify, completion);
-            }
-        };
-        let (req, hits) = match access {
-            Access::Shared => (DmIoRequest::read(buf), &inner.counters.read_hits),
-            Access::Exclusive => (DmIoRequest::write(buf), &inner.counters.write_hits),
-        };
-        match inner.io.submit_ssd(sector, req.on_complete(on_complete), &inner.counters) {
-            Ok(()) => {
-                Counters::bump(hits);
-                Ok(())
-            }
-            Err(refused) => {
-                let (_, shard) = inner.shard_of(p.block);
-                shard.release(p.block, access);
-                let buf = buffer_of(refused.request.memory, p.len);
-                match take(&handoff) {
-                    Some((request, notify)) => Err(Box::new((request, buf, notify))),
-                    // Unreachable: the callback of a refused request never runs.
-                    None => Ok(()),
-                }
-            }
-        }
+        let kind = HitKind::Read { cacheable, dirty };
+        let hit = HitInFlight { request: self, notify, p, way, sector, kind };
+        submit_hit(inner, hit, buf)
     }
 
     /// The dm-io callback of a native read hit.
@@ -141,8 +133,8 @@ impl InFlight {
         mut done: DmIoCompletion,
         notify: IoNotify,
     ) {
-        let inner = self.inner.clone();
         let buf = buffer_of(done.memory.take(), p.len);
+        let inner = &*self.inner;
         let (_, shard) = inner.shard_of(p.block);
         shard.release_cached(p.block, way, Access::Shared);
         match inner.io.ssd_completion_error(false, sector, &done, &inner.counters) {
@@ -159,6 +151,7 @@ impl InFlight {
                 // A clean copy: drop it and read the disk, as the blocking
                 // path does; both wait, so on the pool.
                 inner.ssd_error();
+                let inner = self.inner.clone();
                 let mut buf = buf;
                 let job: Job = Box::new(move |run: bool| {
                     let result = if run {
@@ -184,11 +177,11 @@ impl InFlight {
     /// back.
     pub(super) fn try_write_hit(
         self,
+        inner: &Inner,
         p: Piece,
         data: AlignedBuf,
         notify: IoNotify,
     ) -> Result<(), Declined> {
-        let inner = self.inner.clone();
         if inner.mode != CacheMode::WriteBack
             || !p.is_whole(inner.block_bytes())
             || inner.bypass.load(Ordering::Acquire)
@@ -212,10 +205,9 @@ impl InFlight {
             (way, was_dirty)
         };
         let sector = inner.ssd_sector(set, way);
-        let done = move |request: InFlight, notify, done| {
-            request.write_hit_done(p, set, way, was_dirty, sector, done, notify);
-        };
-        self.submit_hit(p, Access::Exclusive, sector, data, notify, done)
+        let kind = HitKind::Write { set, was_dirty };
+        let hit = HitInFlight { request: self, notify, p, way, sector, kind };
+        submit_hit(inner, hit, data)
     }
 
     /// The dm-io callback of a native write hit: marks the block dirty (its
@@ -232,8 +224,8 @@ impl InFlight {
         mut done: DmIoCompletion,
         notify: IoNotify,
     ) {
-        let inner = self.inner.clone();
         let data = buffer_of(done.memory.take(), p.len);
+        let inner = &*self.inner;
         let (_, shard) = inner.shard_of(p.block);
         let error = inner.io.ssd_completion_error(true, sector, &done, &inner.counters);
         if error.is_some() {
@@ -262,5 +254,38 @@ impl InFlight {
         }
         notify(error.map_or(Ok(()), Err), data);
         drop(self);
+    }
+}
+
+/// Submits the SSD I/O of a hit whose block `hit.request` has locked (shared:
+/// a read into `buf`; exclusive: a write of it), completed by
+/// [`HitInFlight::complete`] from its dm-io callback. Counts the hit once
+/// submitted (a declined hit is counted by the blocking path that serves it).
+/// A request dm-io refuses lets go of the lock and comes back whole.
+fn submit_hit(inner: &Inner, hit: HitInFlight, buf: AlignedBuf) -> Result<(), Declined> {
+    let (block, way, len, sector) = (hit.p.block, hit.way, hit.p.len, hit.sector);
+    let access = hit.kind.access();
+    let (req, hits) = match access {
+        Access::Shared => (DmIoRequest::read(buf), &inner.counters.read_hits),
+        Access::Exclusive => (DmIoRequest::write(buf), &inner.counters.write_hits),
+    };
+    let req = req.with_notify(Notify::with_state(hit));
+    match inner.io.submit_ssd(sector, req, &inner.counters) {
+        Ok(()) => {
+            Counters::bump(hits);
+            Ok(())
+        }
+        Err(refused) => {
+            let (_, shard) = inner.shard_of(block);
+            shard.release_cached(block, way, access);
+            let mut request = refused.request;
+            let buf = buffer_of(request.memory.take(), len);
+            match request.notify.take().map(Notify::into_state::<HitInFlight>) {
+                Some(Ok(hit)) => Err(Box::new((hit.request, buf, hit.notify))),
+                // Unreachable: a refused request comes back with the notify it
+                // was given, whose callback never ran.
+                _ => Ok(()),
+            }
+        }
     }
 }

@@ -194,7 +194,7 @@ impl Inner {
         let (pieces, cacheable) = self.begin(sector, buf.len(), flags, false)?;
         let request = InFlight::start(self)?;
         let (request, buf, notify) = match &*pieces {
-            [piece] => match request.try_read_hit(*piece, cacheable, buf, notify) {
+            [piece] => match request.try_read_hit(self, *piece, cacheable, buf, notify) {
                 Ok(()) => return Ok(()),
                 Err(declined) => *declined,
             },
@@ -220,7 +220,7 @@ impl Inner {
         let request = InFlight::start(self)?;
         let (request, data, notify) = match &*pieces {
             [piece] if !flags.contains(IoFlags::FUA) => {
-                match request.try_write_hit(*piece, data, notify) {
+                match request.try_write_hit(self, *piece, data, notify) {
                     Ok(()) => return Ok(()),
                     Err(declined) => *declined,
                 }
