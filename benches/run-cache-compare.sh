@@ -65,7 +65,11 @@
 # be ext4), READ_IOPS (200), WRITE_IOPS (200), BPS (150000000), WAIT_IDLE (1:
 # wait for other benchmarks before each run; 0: do not), WAIT_MAX (2400),
 # STEAL_MAX (0.05: the largest share of the CPUs' time lost to steal for a
-# round to count as a low-steal round in the report),
+# round to count as a low-steal round in the report), SETTLE (5: seconds every
+# tool's run starts idle: the script sleeps that long before each fio run, and
+# cache-bench sleeps that long after its warm-up (--settle), so that neither
+# starts measuring right after a burst of load; on a host that caps the VM's
+# CPU time a burst shows up as steal in the window after it),
 # CACHE_BENCH (a cache-bench binary to use instead of building one), RESULTS
 # (default benches/results/<date>-cache), PIN (a command prefix for every
 # tool, e.g. "taskset -c 0"), CARGO_TARGET_DIR.
@@ -85,6 +89,7 @@ BPS=${BPS:-150000000}
 WAIT_IDLE=${WAIT_IDLE:-1}
 WAIT_MAX=${WAIT_MAX:-2400}
 STEAL_MAX=${STEAL_MAX:-0.05}
+SETTLE=${SETTLE:-5}
 CACHE_BENCH=${CACHE_BENCH:-}
 RESULTS=${RESULTS:-}
 PIN=${PIN:-}
@@ -204,7 +209,7 @@ echo "== SSD $SSD ($SSD_SIZE, $SSD_IMG); DISK $DISK ($DISK_SIZE, $DISK_IMG, $MM)
     echo "pairs: $PAIRS runtime: $RUNTIME ramp: $RAMP ws: $WS pin: ${PIN:-none}"
 } >"$RESULTS/environment.txt"
 
-export PAIRS RUNTIME RAMP CASES WS RESULTS PIN BENCH SSD DISK CG WAIT_IDLE WAIT_MAX STEAL_MAX
+export PAIRS RUNTIME RAMP CASES WS RESULTS PIN BENCH SSD DISK CG WAIT_IDLE WAIT_MAX STEAL_MAX SETTLE
 python3 - <<'PY'
 import json
 import os
@@ -229,6 +234,7 @@ CG = os.environ["CG"]
 WAIT_IDLE = os.environ.get("WAIT_IDLE", "1") == "1"
 WAIT_MAX = float(os.environ.get("WAIT_MAX", "2400"))
 STEAL_MAX = float(os.environ.get("STEAL_MAX", "0.05"))
+SETTLE = float(os.environ.get("SETTLE", "5"))
 HZ = os.sysconf("SC_CLK_TCK")
 
 # name: (rw, qd, reference device, cache-bench engine, cache-bench options, target,
@@ -305,7 +311,7 @@ def cache_cmd(rw, qd, engine, opts):
            "--engine", engine, "--iodepth", str(qd), "--runtime", fmt(RUNTIME),
            "--ramp", fmt(RAMP), "--json"]
     if "--warm" in opts:
-        cmd += ["--working-set", WS]
+        cmd += ["--working-set", WS, "--settle", fmt(SETTLE)]
     cmd += opts
     # With --cgroup the tool joins the group itself after warming.
     return (PIN + cmd) if "--cgroup" in opts else (IN_CG + PIN + cmd)
@@ -438,6 +444,9 @@ for case in CASES:
             with open("/proc/loadavg") as f:
                 load_before = float(f.read().split()[0])
             path = os.path.join(RESULTS, f"{case}-{i + 1}-{tool}.json")
+            if tool != "cache" or "--settle" not in cmds[tool]:
+                # The idle start cache-bench takes after its warm-up (--settle).
+                time.sleep(SETTLE)
             out, ext = run(cmds[tool], path, sample=tool != "cache")
             if tool == "cache":
                 r = parse_cache(out)
@@ -560,6 +569,8 @@ notes = (
     f"Low-steal rounds: the cache's and fio io_uring's runs each lost less than "
     f"{STEAL_MAX:.0%} of the two CPUs' time to the hypervisor (steal, /proc/stat) in the "
     "measured window; on a shared host steal decides most of the spread.\n"
+    f"Every run started after {fmt(SETTLE)} s idle (SETTLE: the script's sleep before fio, "
+    "cache-bench's --settle after its warm-up).\n"
     "The throttle models a rate (200 IOPS), not seek latency: a deeper queue does not raise "
     "the disk's IOPS.\n"
     + (f"WARNING: measured while other benchmarks ran (gave up waiting) in: {' '.join(gave_up)}\n"

@@ -252,6 +252,13 @@ struct Args {
     /// Read (or write, for randwrite) the whole working set once before measuring.
     #[arg(long)]
     warm: bool,
+    /// Seconds to sit idle after the warm phase, before the load starts. The
+    /// warm phase is a burst of CPU and I/O that a reference tool does not
+    /// have right before its run; on a VM whose host caps its CPU time, the
+    /// burst shows up as steal in the measured window that follows unless
+    /// the machine settles first.
+    #[arg(long, default_value_t = 0.0)]
+    settle: f64,
     /// What the warm phase does.
     #[arg(long, value_enum, default_value_t = WarmOp::Auto)]
     warm_op: WarmOp,
@@ -855,6 +862,9 @@ fn run(args: &Args) -> Result<Report, String> {
             args.runtime
         ));
     }
+    if !(args.settle >= 0.0 && args.settle <= 600.0) {
+        return Err(format!("--settle must be 0 to 600 seconds, not {}", args.settle));
+    }
     if !(args.ramp >= 0.0 && args.ramp.is_finite()) {
         return Err(format!("--ramp must be >= 0 seconds, not {}", args.ramp));
     }
@@ -941,6 +951,9 @@ fn run(args: &Args) -> Result<Report, String> {
     if let Some(dir) = &args.cgroup {
         join_cgroup(dir)?;
     }
+    if args.settle > 0.0 {
+        std::thread::sleep(Duration::from_secs_f64(args.settle));
+    }
 
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
@@ -1017,6 +1030,7 @@ fn run(args: &Args) -> Result<Report, String> {
         "iodepth": args.iodepth,
         "runtime": args.runtime,
         "ramp": args.ramp,
+        "settle": args.settle,
         "working_set": blocks * bs,
         "offset": args.offset,
         "cache_size": args.cache_size,
