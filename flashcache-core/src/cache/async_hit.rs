@@ -247,7 +247,9 @@ impl InFlight {
                     over = st.set.nr_dirty() > t.dirty_thresh_blocks(inner.layout.assoc());
                 }
             }
-            shard.release_locked(&mut st, p.block, Access::Exclusive);
+            // At the known way: no second walk of the lookup chain (a cache
+            // miss); the check there copes with a block dropped above.
+            shard.release_cached_locked(&mut st, p.block, way, Access::Exclusive);
         }
         if over {
             inner.cleaner.wake();

@@ -279,6 +279,17 @@ impl Shard {
         self.release_at(&mut state, block, Some(way), access);
     }
 
+    /// [`release_cached`](Self::release_cached) with the bookkeeping locked.
+    pub(crate) fn release_cached_locked(
+        &self,
+        state: &mut SetState,
+        block: u64,
+        way: Way,
+        access: Access,
+    ) {
+        self.release_at(state, block, Some(way), access);
+    }
+
     fn release_at(&self, state: &mut SetState, block: u64, way: Option<Way>, access: Access) {
         let Some(entry) = state.locks.get_mut(block) else { return };
         match access {
