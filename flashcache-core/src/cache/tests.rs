@@ -28,10 +28,15 @@ fn file_devices(
 /// A one-set cache of 64 blocks on files, with its background thread stopped
 /// (so nothing commits behind the test's back).
 fn one_set_cache(dir: &tempfile::TempDir) -> (Cache, Arc<BlockDevice>) {
+    one_set_cache_in(dir, CacheMode::WriteBack)
+}
+
+/// [`one_set_cache`] in `mode`.
+fn one_set_cache_in(dir: &tempfile::TempDir, mode: CacheMode) -> (Cache, Arc<BlockDevice>) {
     // Superblock 4 KiB + one 4 KiB metadata block + 64 blocks of 4 KiB.
     let (ssd, disk) = file_devices(dir, 8192 + 64 * 4096, 4 << 20);
     let options = CreateOptions {
-        mode: CacheMode::WriteBack,
+        mode,
         commit: CommitMode::OnFlush,
         assoc: 64,
         disk_assoc_blocks: 0,
@@ -306,4 +311,29 @@ fn an_invalidation_that_waited_for_io_on_its_block_counts_as_pending_inval() {
     let stats = cache.stats();
     assert_eq!((stats.pending_enqueues, stats.pending_inval), (1, 1), "{stats:?}");
     assert_eq!(cache.cached_blocks(), 0);
+}
+
+#[test]
+fn a_write_around_write_that_waited_for_its_block_counts_as_pending_inval() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _ssd) = one_set_cache_in(&dir, CacheMode::WriteAround);
+    let block = vec![0x42u8; 4096];
+    let mut buf = vec![0u8; 4096];
+    cache.read(5 * 8, &mut buf).unwrap(); // a read miss caches block 5
+    assert_eq!(cache.cached_blocks(), 1);
+    let shard = &cache.inner.shards[0];
+    drop(shard.acquire(5, super::shard::Access::Exclusive, &cache.inner.counters));
+    std::thread::scope(|s| {
+        let write = s.spawn(|| cache.write(5 * 8, &block));
+        while cache.stats().pending_enqueues == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        shard.release(5, super::shard::Access::Exclusive);
+        write.join().unwrap().unwrap();
+    });
+    let stats = cache.stats();
+    assert_eq!((stats.write_invalidates, stats.pending_inval), (1, 1), "{stats:?}");
+    assert_eq!(cache.cached_blocks(), 0);
+    cache.read(5 * 8, &mut buf).unwrap();
+    assert_eq!(buf, block, "the write-around write did not reach the disk");
 }
