@@ -95,7 +95,12 @@ impl Inner {
             snapshots.push(self.snapshot(set, &st, seq)?);
         }
         // Everything the snapshots describe completed before this point; the
-        // flushes make it durable before the slots that point at it.
+        // flushes make it durable before the slots that point at it. A
+        // snapshot that unpins cleaned blocks stops vouching for their SSD
+        // copies, so their data on the disk must be durable first, whoever
+        // asked for this commit: a sync-mode write commits every pending set,
+        // the cleaner's too, between its cleaning and its own commit.
+        let flush_disk = flush_disk || snapshots.iter().any(|s| !s.unpin.is_empty());
         if flush_disk {
             self.io.flush(Device::Disk, &self.counters)?;
         }
