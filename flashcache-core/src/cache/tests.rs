@@ -33,19 +33,40 @@ fn one_set_cache(dir: &tempfile::TempDir) -> (Cache, Arc<BlockDevice>) {
 
 /// [`one_set_cache`] in `mode`.
 fn one_set_cache_in(dir: &tempfile::TempDir, mode: CacheMode) -> (Cache, Arc<BlockDevice>) {
+    let (cache, ssd, _disk) = one_set_cache_with(dir, mode, CommitMode::OnFlush);
+    (cache, ssd)
+}
+
+/// [`one_set_cache`] in `mode` and `commit` mode; also returns the disk.
+fn one_set_cache_with(
+    dir: &tempfile::TempDir,
+    mode: CacheMode,
+    commit: CommitMode,
+) -> (Cache, Arc<BlockDevice>, Arc<BlockDevice>) {
     // Superblock 4 KiB + one 4 KiB metadata block + 64 blocks of 4 KiB.
     let (ssd, disk) = file_devices(dir, 8192 + 64 * 4096, 4 << 20);
-    let options = CreateOptions {
-        mode,
-        commit: CommitMode::OnFlush,
-        assoc: 64,
-        disk_assoc_blocks: 0,
-        ..CreateOptions::default()
-    };
-    let mut cache = Cache::create(ssd.clone(), disk, &options).unwrap();
+    let options =
+        CreateOptions { mode, commit, assoc: 64, disk_assoc_blocks: 0, ..CreateOptions::default() };
+    let mut cache = Cache::create(ssd.clone(), disk.clone(), &options).unwrap();
     assert_eq!(cache.geometry().num_sets(), 1);
     cache.stop_thread();
-    (cache, ssd)
+    (cache, ssd, disk)
+}
+
+/// Runs `io` on another thread while block `block` of set 0 is locked, as by
+/// I/O in progress, and lets the lock go once `io` waits for it; returns what
+/// `io` returned.
+fn run_while_locked<T: Send>(cache: &Cache, block: u64, io: impl FnOnce() -> T + Send) -> T {
+    let shard = &cache.inner.shards[0];
+    drop(shard.acquire(block, super::shard::Access::Exclusive, &cache.inner.counters));
+    std::thread::scope(|s| {
+        let waiting = s.spawn(io);
+        while cache.stats().pending_enqueues == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        shard.release(block, super::shard::Access::Exclusive);
+        waiting.join().unwrap()
+    })
 }
 
 /// The slots as they are on the SSD: (way, block, state).
@@ -298,16 +319,7 @@ fn an_invalidation_that_waited_for_io_on_its_block_counts_as_pending_inval() {
     cache.discard(6 * 8, 8).unwrap();
     assert_eq!((cache.stats().pending_enqueues, cache.stats().pending_inval), (0, 0));
     // Block 5 is locked, as by I/O in progress: the discard waits, then drops it.
-    let shard = &cache.inner.shards[0];
-    drop(shard.acquire(5, super::shard::Access::Exclusive, &cache.inner.counters));
-    std::thread::scope(|s| {
-        let discard = s.spawn(|| cache.discard(5 * 8, 8));
-        while cache.stats().pending_enqueues == 0 {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        shard.release(5, super::shard::Access::Exclusive);
-        discard.join().unwrap().unwrap();
-    });
+    run_while_locked(&cache, 5, || cache.discard(5 * 8, 8)).unwrap();
     let stats = cache.stats();
     assert_eq!((stats.pending_enqueues, stats.pending_inval), (1, 1), "{stats:?}");
     assert_eq!(cache.cached_blocks(), 0);
@@ -321,19 +333,45 @@ fn a_write_around_write_that_waited_for_its_block_counts_as_pending_inval() {
     let mut buf = vec![0u8; 4096];
     cache.read(5 * 8, &mut buf).unwrap(); // a read miss caches block 5
     assert_eq!(cache.cached_blocks(), 1);
-    let shard = &cache.inner.shards[0];
-    drop(shard.acquire(5, super::shard::Access::Exclusive, &cache.inner.counters));
-    std::thread::scope(|s| {
-        let write = s.spawn(|| cache.write(5 * 8, &block));
-        while cache.stats().pending_enqueues == 0 {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        shard.release(5, super::shard::Access::Exclusive);
-        write.join().unwrap().unwrap();
-    });
+    run_while_locked(&cache, 5, || cache.write(5 * 8, &block)).unwrap();
     let stats = cache.stats();
     assert_eq!((stats.write_invalidates, stats.pending_inval), (1, 1), "{stats:?}");
     assert_eq!(cache.cached_blocks(), 0);
     cache.read(5 * 8, &mut buf).unwrap();
     assert_eq!(buf, block, "the write-around write did not reach the disk");
+}
+
+/// A sync-mode commit asked for by a write takes every pending set, the
+/// cleaner's too: slots of blocks it cleaned (written back, marked clean, not
+/// yet committed) must not become durable before the disk's copy is, or a
+/// crash finds the slot clean and the disk without the data. Such a commit
+/// flushes the disk, whoever asked for it (`commit` issues its flushes, one
+/// blocking call after the other, before it writes any slot).
+#[test]
+fn a_sync_commit_of_cleaned_blocks_flushes_the_disk() {
+    use dmio::DmIoOp;
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, ssd, disk) = one_set_cache_with(&dir, CacheMode::WriteBack, CommitMode::Sync);
+    cache.write(3 * 8, &vec![0x33u8; 4096]).unwrap();
+    assert_eq!(durable_slots(&cache, &ssd).iter().filter(|s| s.2 == SlotState::Dirty).count(), 1);
+    // The state the cleaner leaves between writing block 3 back and its own
+    // commit (`clean_runs`): clean, pinned, its set pending.
+    {
+        let mut st = cache.inner.shards[0].lock();
+        let way = st.set.lookup(3).unwrap();
+        st.set.mark_clean(way);
+        st.set.set_pinned(way, true);
+        cache.inner.note_slots_changed(0);
+    }
+    disk.faults().start_trace();
+    ssd.faults().start_trace();
+    cache.inner.commit_if_sync().unwrap();
+    let disk_ops = disk.faults().take_trace();
+    let ssd_ops = ssd.faults().take_trace();
+    assert!(
+        disk_ops.iter().any(|t| t.op == DmIoOp::Flush),
+        "the commit wrote cleaned blocks' slots without flushing the disk: {disk_ops:?}"
+    );
+    assert!(ssd_ops.iter().any(|t| t.op == DmIoOp::Write), "no metadata was written: {ssd_ops:?}");
+    assert!(durable_slots(&cache, &ssd).iter().all(|s| s.2 != SlotState::Dirty));
 }
